@@ -1,0 +1,27 @@
+# Set-up and entry points. Every target installs what it needs into .venv first.
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+XLA_TEST_FLAGS := --xla_force_host_platform_device_count=8
+
+.PHONY: install test bench-models demo
+
+$(BIN)/activate:
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+
+$(VENV)/.installed: $(BIN)/activate pyproject.toml
+	$(BIN)/pip install -q -e ".[test]"
+	touch $@
+
+install: $(VENV)/.installed
+
+test: install
+	XLA_FLAGS="$(XLA_TEST_FLAGS)" $(BIN)/python -m pytest -q tests
+
+bench-models: install
+	$(BIN)/python benchmarks/model_cpu.py --out benchmarks/results/model_cpu.json
+
+demo:
+	@echo "The demo (python -m jaxseg.launch demo) arrives with the end-to-end issue; it is not there yet." >&2
+	@exit 2

@@ -1,0 +1,101 @@
+"""Parameter counts and forward + backward times of the U-Nets on this machine's CPU.
+
+    python benchmarks/model_cpu.py --out benchmarks/results/model_cpu.json
+
+UNet3D (nnU-Net topology, 1 input channel, 8 classes, deep supervision) at 64^3 x batch 2 and the
+DeepLesionBrain compact U-Net at 96^3 x batch 1 (its paper's batch), for each convolution
+implementation. Also times one 3x3x3 conv layer per implementation, which sets the `auto` rule.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+os.environ.setdefault("JAX_THREEFRY_PARTITIONABLE", "0")  # see tests/conftest.py: faster init compile
+
+import jax
+import jax.numpy as jnp
+
+sys.path.insert(0, os.path.dirname(__file__))
+from common import environment, timeit, write_json  # noqa: E402
+
+from jaxseg.losses import dice_ce  # noqa: E402
+from jaxseg.losses.deep_supervision import deep_supervision_loss  # noqa: E402
+from jaxseg.models import CompactUNet, UNet3D, plan_topology  # noqa: E402
+from jaxseg.models.layers import conv3d  # noqa: E402
+
+
+def n_params(tree) -> int:
+    return sum(int(a.size) for a in jax.tree.leaves(tree))
+
+
+def unet_case(impl: str, size: int, batch: int, repeats: int) -> dict:
+    topo = plan_topology((size,) * 3)
+    model = UNet3D(num_classes=8, topology=topo, conv_impl=impl)
+    x = jax.random.normal(jax.random.key(0), (batch, size, size, size, 1))
+    y = jax.random.randint(jax.random.key(1), (batch, size, size, size), 0, 8)
+    params = jax.jit(model.init)(jax.random.key(2), x)["params"]
+
+    @jax.jit
+    def fwd_bwd(p):
+        def loss(p):
+            out = model.apply({"params": p}, x)
+            return deep_supervision_loss(dice_ce, out.seg, y).mean()
+        return jax.value_and_grad(loss)(p)
+
+    return {"model": "UNet3D", "patch": [size] * 3, "batch": batch, "conv_impl": impl,
+            "n_stages": topo.n_stages, "features": list(topo.features), "params": n_params(params),
+            **timeit(fwd_bwd, params, repeats=repeats)}
+
+
+def compact_case(impl: str, repeats: int) -> dict:
+    model = CompactUNet(num_classes=2, conv_impl=impl)
+    x = jax.random.normal(jax.random.key(0), (1, 96, 96, 96, 2))
+    y = jax.random.randint(jax.random.key(1), (1, 96, 96, 96), 0, 2)
+    params = jax.jit(model.init)(jax.random.key(2), x)["params"]
+
+    @jax.jit
+    def fwd_bwd(p):
+        def loss(p):
+            logits = model.apply({"params": p}, x, train=True, rngs={"dropout": jax.random.key(3)})
+            return dice_ce(logits, y).mean()
+        return jax.value_and_grad(loss)(p)
+
+    return {"model": "CompactUNet", "patch": [96] * 3, "batch": 1, "conv_impl": impl,
+            "params": n_params(params), **timeit(fwd_bwd, params, repeats=repeats)}
+
+
+def conv_case(impl: str, shape, cout: int, repeats: int) -> dict:
+    x = jax.random.normal(jax.random.key(0), shape)
+    w = jax.random.normal(jax.random.key(1), (3, 3, 3, shape[-1], cout))
+    f = jax.jit(jax.grad(lambda x, w: jnp.sum(conv3d(x, w, (1, 1, 1), impl) ** 2), argnums=(0, 1)))
+    return {"model": "conv3x3x3", "input": list(shape), "cout": cout, "conv_impl": impl,
+            **timeit(f, x, w, repeats=repeats)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default="benchmarks/results/model_cpu.json")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--impls", default="xla,im2col,auto")
+    args = ap.parse_args()
+    impls = args.impls.split(",")
+    results = []
+    for shape, cout in (((2, 48, 48, 48, 8), 8), ((2, 32, 32, 32, 16), 16), ((2, 32, 32, 32, 32), 32),
+                        ((2, 16, 16, 16, 128), 128)):
+        for impl in ("xla", "im2col"):
+            results.append(conv_case(impl, shape, cout, args.repeats))
+            print(results[-1]["model"], shape, impl, f"{results[-1]['min_s']:.3f} s", flush=True)
+    for impl in impls:
+        for case in (lambda: unet_case(impl, 64, 2, args.repeats), lambda: compact_case(impl, args.repeats)):
+            results.append(case())
+            r = results[-1]
+            print(r["model"], r["patch"], impl, f"{r['params']:,} params", f"fwd+bwd {r['min_s']:.2f} s",
+                  f"(first call {r['first_call_s']:.1f} s)", flush=True)
+    write_json(args.out, {"benchmark": "model_cpu", "environment": environment(), "results": results})
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,38 @@
+"""Models: the nnU-Net / DynUNet 3D U-Net family (with the AgeU-Net head) and DeepLesionBrain's
+compact U-Net. Pure Flax linen modules; parameters are plain pytrees."""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+
+from jaxseg.config import Config
+from jaxseg.models.dlb import CompactUNet
+from jaxseg.models.topology import Topology, explicit_topology, plan_topology
+from jaxseg.models.unet import UNet3D, UNetOutput
+
+__all__ = ["CompactUNet", "Topology", "UNet3D", "UNetOutput", "build_model", "explicit_topology",
+           "model_topology", "plan_topology"]
+
+
+def model_topology(cfg: Config, spacing=None) -> Topology:
+    """The topology a config asks for: given strides/kernels, else nnU-Net's rule on the patch and spacing."""
+    m, d = cfg.model, cfg.data
+    if m.strides is not None:
+        kernels = m.kernels if m.kernels is not None else ((3, 3, 3),) * len(m.strides)
+        return explicit_topology(m.strides, kernels, d.patch_size, features_base=m.features_base,
+                                 features_max=m.features_max)
+    return plan_topology(d.patch_size, spacing or d.spacing or (1.0, 1.0, 1.0), features_base=m.features_base,
+                         features_max=m.features_max, max_stages=m.n_stages)
+
+
+def build_model(cfg: Config, spacing=None):
+    """The Flax module for `cfg.model` (and the patch geometry in `cfg.data`)."""
+    m, d = cfg.model, cfg.data
+    dtype = jnp.bfloat16 if m.compute_dtype == "bfloat16" else jnp.float32
+    if m.arch == "dlb_compact":
+        return CompactUNet(num_classes=d.num_classes, dropout=m.dropout, groups=m.norm_groups,
+                           conv_impl=m.conv_impl, dtype=dtype)
+    return UNet3D(num_classes=d.num_classes, topology=model_topology(cfg, spacing), block=m.block, norm=m.norm,
+                  norm_groups=m.norm_groups, act=m.activation, upsample=m.upsample,
+                  deep_supervision=m.deep_supervision, num_ds_heads=m.num_ds_heads, age_head=m.age_head,
+                  conv_impl=m.conv_impl, dtype=dtype)

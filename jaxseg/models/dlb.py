@@ -1,0 +1,86 @@
+"""DeepLesionBrain's compact U-Net (Kamraoui et al., Fig. 2), one per tile.
+
+Read from SPEC 4: 3 max-pool levels; two 3x3x3 conv blocks per level, filters doubling inside a level
+as in Cicek's 3D U-Net (24-48 | 48-96 | 96-192 | bottleneck 192-384); each block is GroupNorm(8) ->
+conv -> ReLU; dropout 0.5 after each pooling; trilinear upsampling, concat with the skip, one conv
+block per decoder level; a 1x1x1 conv to the classes (softmax is applied by the loss).
+Parameter tree: encoder_0..2, bottleneck, decoder_2..0, head.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+
+from jaxseg.models.layers import Conv3D, ConvImpl, Norm
+
+
+class NormConvReLU(nn.Module):
+    features: int
+    groups: int = 8
+    conv_impl: ConvImpl = "auto"
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        x = Norm("group", self.groups, name="norm")(x)
+        x = Conv3D(self.features, (3, 3, 3), conv_impl=self.conv_impl, dtype=self.dtype, name="conv")(x)
+        return jax.nn.relu(x)
+
+
+class Level(nn.Module):
+    """Two NormConvReLU blocks: `features[0]` then `features[1]` filters."""
+
+    features: tuple[int, int]
+    groups: int = 8
+    conv_impl: ConvImpl = "auto"
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        kw = dict(groups=self.groups, conv_impl=self.conv_impl, dtype=self.dtype)
+        x = NormConvReLU(self.features[0], name="block_0", **kw)(x)
+        return NormConvReLU(self.features[1], name="block_1", **kw)(x)
+
+
+def max_pool2(x):
+    n, X, Y, Z, c = x.shape
+    return x.reshape(n, X // 2, 2, Y // 2, 2, Z // 2, 2, c).max(axis=(2, 4, 6))
+
+
+def upsample_trilinear2(x):
+    n, X, Y, Z, c = x.shape
+    return jax.image.resize(x, (n, 2 * X, 2 * Y, 2 * Z, c), method="linear")
+
+
+class CompactUNet(nn.Module):
+    num_classes: int = 2
+    features: tuple[int, ...] = (24, 48, 96, 192, 384)
+    groups: int = 8
+    dropout: float = 0.5
+    conv_impl: ConvImpl = "auto"
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        f = self.features
+        levels = len(f) - 2  # pooling levels
+        if any(d % 2**levels for d in x.shape[1:4]):
+            raise ValueError(f"input spatial shape {x.shape[1:4]} must be divisible by {2**levels}")
+        kw = dict(groups=self.groups, conv_impl=self.conv_impl, dtype=self.dtype)
+        x = x.astype(self.dtype)
+        skips = []
+        for i in range(levels + 1):
+            name = "bottleneck" if i == levels else f"encoder_{i}"
+            x = Level((f[i], f[i + 1]), name=name, **kw)(x)
+            if i < levels:
+                skips.append(x)
+                x = nn.Dropout(self.dropout, deterministic=not train)(max_pool2(x))
+        for i in range(levels - 1, -1, -1):
+            x = jnp.concatenate([upsample_trilinear2(x), skips[i]], axis=-1)
+            x = NormConvReLU(f[i + 1], name=f"decoder_{i}", **kw)(x)
+        return Conv3D(self.num_classes, (1, 1, 1), conv_impl=self.conv_impl, dtype=self.dtype,
+                      name="head")(x).astype(jnp.float32)
