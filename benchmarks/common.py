@@ -35,6 +35,7 @@ def environment() -> dict:
         "git_revision": rev,
         "platform": platform.platform(),
         "cpu_count": os.cpu_count(),
+        "load_average_1_5_15": list(os.getloadavg()),  # other work on a shared machine inflates times
         "python": platform.python_version(),
         "backend": jax.default_backend(),
         "devices": [str(d.device_kind) for d in jax.devices()],

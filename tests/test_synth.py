@@ -165,6 +165,53 @@ def test_lesions_in_white_matter_bright_on_flair(template):
     assert (d_min <= 8).mean() >= 0.4
 
 
+def test_skull_strip_zero_outside_brain_nonzero_inside(template):
+    from scipy import ndimage as ndi
+
+    kw = dict(stratum="ventriculomegaly", age=30.0, site=1, spacing=4.0,
+              channels=("T1", "T2", "FLAIR"))
+    s = S.make_subject((7, 2), template, **kw)  # skull_strip defaults to True
+    raw = S.make_subject((7, 2), template, skull_strip=False, **kw)
+    mask = s["brain_mask"]
+    assert mask.dtype == bool and mask.shape == s["label"].shape
+    # all non-background labels, dilated by one voxel
+    np.testing.assert_array_equal(mask, ndi.binary_dilation(s["tissue"] > 0))
+    np.testing.assert_array_equal(mask, S.brain_mask(s["tissue"]))
+    assert (mask & (s["tissue"] == 0)).any() and 0.05 < mask.mean() < 0.8
+    assert s["metadata"]["skull_strip"] is True and raw["metadata"]["skull_strip"] is False
+    # the label map and the random streams are untouched
+    np.testing.assert_array_equal(s["label"], raw["label"])
+    np.testing.assert_array_equal(raw["brain_mask"], mask)
+    for ch in kw["channels"]:
+        img, noisy = s["images"][ch], raw["images"][ch]
+        assert img.dtype == np.float32
+        assert (img[~mask] == 0).all(), ch  # exactly 0 outside
+        assert (img[mask] > 0).all(), ch  # never 0 inside: nonzero == brain mask
+        np.testing.assert_array_equal(img != 0, mask)
+        # inside the mask nothing changes (applied after noise / bias / gain)
+        assert img[mask].tobytes() == noisy[mask].tobytes(), ch
+        # without skull stripping the background keeps its Rician noise
+        assert (noisy[~mask] > 0).mean() > 0.99, ch
+        # crop-to-nonzero gives the brain mask's bounding box
+        nz, mk = np.nonzero(img), np.nonzero(mask)
+        assert [(a.min(), a.max()) for a in nz] == [(a.min(), a.max()) for a in mk]
+    # lesion subjects: the mask comes from the tissue map, not the lesion label
+    les = S.make_subject(3, template, age=45.0, age_unit="years", spacing=4.0, lesions=True)
+    np.testing.assert_array_equal(les["brain_mask"], S.brain_mask(les["tissue"]))
+    for img in les["images"].values():
+        np.testing.assert_array_equal(img != 0, les["brain_mask"])
+
+
+def test_skull_strip_nudges_exact_zeros_inside():
+    img = np.array([[0.0, -0.5, 3.0], [0.0, 2.0, 7.0]], np.float32)
+    mask = np.array([[True, True, True], [False, False, True]])
+    out = S._skull_strip(img.copy(), mask)
+    np.testing.assert_array_equal(
+        out, np.array([[S.MIN_BRAIN_INTENSITY, S.MIN_BRAIN_INTENSITY, 3.0], [0, 0, 7.0]],
+                      np.float32))
+    assert np.float16(S.MIN_BRAIN_INTENSITY) > 0  # survives a half-precision cast
+
+
 # ------------------------------------------------------------------ written cohorts
 
 
@@ -212,6 +259,14 @@ def test_write_cohort_tissue_valid(template, tmp_path):
     ds, rows = _check_dataset(out, 5, ["T1", "T2"], S.LABELS)
     assert (out / "preview.png").stat().st_size > 10_000
     assert info["preview"] == out / "preview.png"
+    # skull-stripped by default, and recorded
+    assert ds["synth"]["skull_strip"] is True and "Skull-stripped" in ds["description"]
+    for r in rows:
+        sp = "Ts" if r["split"] == "test" else "Tr"
+        lab = np.asarray(nib.load(out / f"labels{sp}" / f"{r['case']}.nii.gz").dataobj)
+        for k in range(2):
+            im = np.asarray(nib.load(out / f"images{sp}" / f"{r['case']}_{k:04d}.nii.gz").dataobj)
+            np.testing.assert_array_equal(im != 0, S.brain_mask(lab))
     assert ds["numTraining"] == 4 and sum(r["split"] == "test" for r in rows) == 1
     # strata allocated exactly by largest remainder (80/10/10 of 5 -> 4/1/0)
     assert sorted(r["stratum"] for r in rows) == ["control"] * 4 + ["ventriculomegaly"]
@@ -257,6 +312,18 @@ def test_write_cohort_lesion_flavour(template, tmp_path):
     lab = np.asarray(nib.load(out / "labelsTr" / "synth_0001.nii.gz").dataobj)
     assert lab.max() == 1
     assert (out / "preview.png").is_file()
+
+
+def test_write_cohort_without_skull_strip(template, tmp_path):
+    out = tmp_path / "raw"
+    S.write_cohort(out, 1, seed=2, spacing=4.0, n_test=0, workers=1, progress=False,
+                   preview=False, template=template, skull_strip=False)
+    ds = json.loads((out / "dataset.json").read_text())
+    assert ds["synth"]["skull_strip"] is False and "Not skull-stripped" in ds["description"]
+    im = np.asarray(nib.load(out / "imagesTr" / "synth_0001_0000.nii.gz").dataobj)
+    lab = np.asarray(nib.load(out / "labelsTr" / "synth_0001.nii.gz").dataobj)
+    bg = ~S.brain_mask(lab)
+    assert (im[bg] != 0).mean() > 0.99  # a noisy background, not zeros
 
 
 def test_interrupted_write_leaves_no_half_files(template, tmp_path, monkeypatch):

@@ -40,6 +40,14 @@ depends on age in weeks (myelination): on the T1-like channel WM is darker than 
 ``lesions=True`` MS-like lesions (3-30 per subject, ellipsoids and blobs of 2 mm to ~1 cm, 60%
 periventricular, inside WM) are hyperintense on FLAIR/T2 and hypointense on T1.
 
+Skull stripping: the target datasets (FeTA, dHCP, MNI-registered MSSEG) come brain-extracted with
+an exact zero background, and the nnU-Net-style preprocessing crops to the nonzero bounding box
+and z-scores over nonzero voxels. So by default (``skull_strip=True``) every channel is set to
+exactly 0 outside :func:`brain_mask` (the tissue map's non-background labels dilated by one
+voxel), after noise, bias and gain, leaving the voxels inside untouched; any voxel inside that
+came out exactly 0 is raised to :data:`MIN_BRAIN_INTENSITY`, so "nonzero" is exactly the brain
+mask. ``skull_strip=False`` keeps the Rician-noise background of an unprocessed scan.
+
 Cohorts
 -------
 :func:`write_cohort` writes an nnU-Net v2 raw dataset (``imagesTr``, ``labelsTr``, ``imagesTs``,
@@ -79,6 +87,8 @@ __all__ = [
     "load_template",
     "cache_dir",
     "output_grid",
+    "brain_mask",
+    "MIN_BRAIN_INTENSITY",
     "make_site",
     "make_subject",
     "write_cohort",
@@ -125,6 +135,10 @@ _CONTRAST_ADULT = {
     "T2": [0.0, 0.92, 0.55, 0.32, 0.95, 0.50, 0.45, 0.38],
     "FLAIR": [0.0, 0.10, 0.60, 0.45, 0.07, 0.52, 0.55, 0.50],
 }
+# Skull stripping: the value given to a voxel inside the brain mask whose intensity came out exactly
+# 0 (or below), so that nonzero == brain mask. In scanner units (gain >= 200, noise sigma >= 2):
+# invisible, and still a normal number in float16, so a half-precision cast keeps it nonzero.
+MIN_BRAIN_INTENSITY = 1e-3
 # Lesion intensity relative to the subject's WM mean: (low, high) of a per-lesion uniform factor.
 _LESION_FACTOR = {"T1": (0.45, 0.75), "T2": (1.6, 2.3), "FLAIR": (1.6, 2.1)}
 
@@ -462,6 +476,29 @@ def _psf_sigma(site: Site, spacing: float) -> list[float]:
     return sig
 
 
+def brain_mask(tissue: np.ndarray) -> np.ndarray:
+    """The skull-stripping mask of an 8-class tissue map: every non-background label, dilated
+    by one voxel (6-connected). Returns bool, same shape.
+
+    Why dilated: the outermost label is already (extra-cerebral) CSF, and the PSF spreads its
+    signal about a voxel outward; a real brain-extraction mask (BET, the FeTA / dHCP masks) is
+    similarly a little generous and keeps that partial-volume edge. It also means the image's
+    nonzero region is not literally ``label > 0``, so a network cannot read the background class
+    straight off ``image == 0`` and has to find the brain edge from intensities.
+    """
+    return ndi.binary_dilation(np.asarray(tissue) > 0)
+
+
+def _skull_strip(img: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """In place: 0 outside ``mask``; inside, values <= 0 become :data:`MIN_BRAIN_INTENSITY`
+    (everything else inside is left exactly as it was)."""
+    img[~mask] = 0.0
+    low = mask & (img <= 0)
+    if low.any():
+        img[low] = np.float32(MIN_BRAIN_INTENSITY)
+    return img
+
+
 def _rasterise_lesions(rng, label, spacing, n_lesions):
     """MS-like lesions inside WM. Returns (mask uint8, per-lesion id int16 map, n drawn)."""
     shape = label.shape
@@ -532,7 +569,7 @@ def _rasterise_lesions(rng, label, spacing, n_lesions):
 def make_subject(rng_or_seed, template: Template, *, stratum: str = "control", age: float = 40.0,
                  site: int | Site = 0, spacing: float = 2.0, lesions: bool = False,
                  channels: Sequence[str] | None = None, age_unit: str = "weeks",
-                 site_seed: int = 0) -> dict[str, Any]:
+                 site_seed: int = 0, skull_strip: bool = True) -> dict[str, Any]:
     """Draw one synthetic subject on the :func:`output_grid` at ``spacing`` mm.
 
     ``rng_or_seed``: a ``np.random.Generator``, a ``SeedSequence``, an int or a sequence of ints
@@ -543,10 +580,15 @@ def make_subject(rng_or_seed, template: Template, *, stratum: str = "control", a
     ``make_site(site, site_seed)``). ``age`` is in ``age_unit`` ("weeks" post-menstrual:
     26..45 drives brain size, myelination and ventricle size; "years": adult contrast and size).
     ``channels`` defaults to ``("T1",)``, or ``("T1", "FLAIR")`` with ``lesions=True``.
+    ``skull_strip`` (default True): every channel is exactly 0 outside :func:`brain_mask` of the
+    tissue map and strictly positive inside (exact zeros there become
+    :data:`MIN_BRAIN_INTENSITY`), applied last, so the voxels inside are the same as with
+    ``skull_strip=False`` (a Rician-noise background) and the random streams are not touched.
 
     Returns a dict: ``images`` {channel: float32 (X, Y, Z)}, ``label`` uint8 (the 8-class
     :data:`LABELS` map, or the binary lesion map when ``lesions``), ``tissue`` uint8 (always the
-    8-class map), ``lesion`` (uint8 0/1 or None), ``affine`` (4x4 RAS, mm) and ``metadata``.
+    8-class map), ``lesion`` (uint8 0/1 or None), ``brain_mask`` (bool, :func:`brain_mask` of
+    the tissue map, whether or not it was applied), ``affine`` (4x4 RAS, mm) and ``metadata``.
     """
     if stratum not in STRATA:
         raise ValueError(f"unknown stratum {stratum!r}; expected one of {STRATA}")
@@ -610,6 +652,7 @@ def make_subject(rng_or_seed, template: Template, *, stratum: str = "control", a
 
     # ---------------- appearance
     images = {}
+    mask = brain_mask(label)
     sig = _psf_sigma(site, spacing)
     bias_pts = np.stack(np.meshgrid(*[np.linspace(0.5, 4.5, n, dtype=np.float32) for n in cshape],
                                     indexing="ij"))
@@ -645,7 +688,10 @@ def make_subject(rng_or_seed, template: Template, *, stratum: str = "control", a
         n2 = r_ch.standard_normal(shape, dtype=np.float32)
         img = np.sqrt((img + site.noise * n1) ** 2 + (site.noise * n2) ** 2)
         img *= np.float32(site.gain)
-        images[ch] = img.astype(np.float32, copy=False)
+        img = img.astype(np.float32, copy=False)
+        if skull_strip:  # last, after noise / bias / gain: the brain voxels are unchanged
+            _skull_strip(img, mask)
+        images[ch] = img
 
     counts = np.bincount(label.ravel(), minlength=N_LABELS)
     vox_ml = spacing**3 / 1000.0
@@ -662,12 +708,14 @@ def make_subject(rng_or_seed, template: Template, *, stratum: str = "control", a
         "volumes_ml": {name: float(counts[v] * vox_ml) for name, v in LABELS.items()},
         "n_lesions": int(n_les),
         "lesion_ml": float(lesion.sum() * vox_ml) if lesion is not None else 0.0,
+        "skull_strip": bool(skull_strip),
     }
     return {
         "images": images,
         "label": lesion if lesions else label,
         "tissue": label,
         "lesion": lesion,
+        "brain_mask": mask,
         "affine": affine,
         "metadata": meta,
     }
@@ -755,7 +803,8 @@ def _subject_job(args: dict) -> dict:
     rng = np.random.default_rng([args["seed"], args["index"]])
     subj = make_subject(rng, template, stratum=args["stratum"], age=args["age"],
                         site=args["site"], spacing=args["spacing"], lesions=args["lesions"],
-                        channels=args["channels"], age_unit=args["age_unit"])
+                        channels=args["channels"], age_unit=args["age_unit"],
+                        skull_strip=args.get("skull_strip", True))
     out, tmp = Path(args["out_dir"]), Path(args["tmp_dir"])
     img_dir = out / ("imagesTs" if args["split"] == "test" else "imagesTr")
     lab_dir = out / ("labelsTs" if args["split"] == "test" else "labelsTr")
@@ -785,7 +834,7 @@ def write_cohort(out_dir: str | Path, n_subjects: int, *, seed: int = 0, spacing
                  n_test: int | None = None, channels: Sequence[str] | None = None,
                  workers: int = 2, progress: bool = True, preview: bool = True,
                  overwrite: bool = False, template: Template | None = None,
-                 name: str | None = None) -> dict[str, Any]:
+                 name: str | None = None, skull_strip: bool = True) -> dict[str, Any]:
     """Write a synthetic cohort as an nnU-Net v2 raw dataset in ``out_dir``.
 
     * ``flavour="tissue"``: labels = :data:`LABELS` (8 classes); channels ``("T1",)`` by default,
@@ -796,6 +845,10 @@ def write_cohort(out_dir: str | Path, n_subjects: int, *, seed: int = 0, spacing
       hypoplasia); counts are allocated exactly (largest remainder) and shuffled.
     * ``sites``: number of sites, balanced; ``n_test``: held-out cases (default 20%, stratified
       by stratum) written to ``imagesTs`` / ``labelsTs``.
+    * ``skull_strip`` (default True): brain-extracted images, exactly 0 outside
+      :func:`brain_mask` and nonzero inside (see :func:`make_subject`), like the real datasets;
+      False keeps the noisy background. Recorded in ``dataset.json`` (``synth.skull_strip`` and
+      the description).
 
     Files: ``imagesTr/synth_0001_0000.nii.gz`` (4-digit channel suffix),
     ``labelsTr/synth_0001.nii.gz`` (uint8), ``imagesTs/``, ``labelsTs/``, ``dataset.json``,
@@ -897,6 +950,7 @@ def write_cohort(out_dir: str | Path, n_subjects: int, *, seed: int = 0, spacing
             "stratum": names[stratum_of[i]], "age": float(ages[i]), "age_unit": age_unit,
             "site": site_objs[site_of[i]], "spacing": float(spacing), "lesions": lesions,
             "channels": channels, "split": "test" if is_test[i] else "train",
+            "skull_strip": bool(skull_strip),
             "out_dir": str(out), "tmp_dir": str(tmp_dir), "template": None,
         })
 
@@ -957,7 +1011,10 @@ def write_cohort(out_dir: str | Path, n_subjects: int, *, seed: int = 0, spacing
             f"jaxseg synthetic {flavour} cohort drawn from the MNI ICBM152 2009 template "
             f"(jaxseg.data.synth): {n_subjects} subjects, seed {seed}, {spacing:g} mm, "
             f"{sites} sites, strata {dict(zip(names, counts.tolist()))}, ages "
-            f"{a_lo:g}-{a_hi:g} {age_unit}."),
+            f"{a_lo:g}-{a_hi:g} {age_unit}. "
+            + ("Skull-stripped: images are exactly 0 outside the brain mask (tissue labels > 0 "
+               "dilated by one voxel) and nonzero inside."
+               if skull_strip else "Not skull-stripped: Rician noise in the background.")),
         "channel_names": {str(c): ch for c, ch in enumerate(channels)},
         "labels": dict(LESION_LABELS if lesions else LABELS),
         "numTraining": n_train,
@@ -968,6 +1025,9 @@ def write_cohort(out_dir: str | Path, n_subjects: int, *, seed: int = 0, spacing
         "synth": {"seed": int(seed), "spacing": float(spacing), "flavour": flavour,
                   "strata": {k: float(v) for k, v in strata.items()}, "sites": sites,
                   "age_range": [a_lo, a_hi], "age_unit": age_unit, "channels": list(channels),
+                  "skull_strip": bool(skull_strip),
+                  "brain_mask": ("tissue labels > 0, dilated by 1 voxel (6-connected)"
+                                 if skull_strip else None),
                   "template_version": _TEMPLATE_VERSION,
                   "template_resolution_mm": template.resolution},
     }
