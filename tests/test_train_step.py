@@ -137,7 +137,7 @@ def test_nonfinite_loss_is_skipped():
     model, params, tx = setup(cfg)
     step = jax.jit(make_step(model, cfg, tx, PRESETS["none"], cfg.data.patch_size))
     batch = tiny_batch(n=2)
-    batch["image"][0, 0, 0, 0, 0] = np.nan
+    batch["image"][0, 5, 5, 5, 0] = np.nan  # inside the centre crop to the 8^3 patch
     state = init_state(params, tx)
     new, metrics = step(state, batch, jax.random.key(0), jnp.full((N_CASES,), 2.0))
     assert not bool(metrics["finite"])

@@ -17,7 +17,8 @@ Public API
     ``patch_start(rng, shape, patch_size, fg, force_fg)`` (nnU-Net's bbox rule; pure function)
     ``PatchBatchIterator(source, sampler, batch_size=..., patch_size=..., margin=0, ...)``
         a ``grain.DatasetIterator``: ``next(it)`` -> batch dict, ``get_state()`` /
-        ``set_state()`` (JSON-ready; also orbax-checkpointable through grain's ``save``/``load``).
+        ``set_state()`` (JSON-ready; also orbax-checkpointable through grain's ``save``/``load``),
+        ``last_global_case_index`` (the whole global batch, for ``sampler.update``).
 
 Batch (the process's slice of the global batch, ``b = batch_size // process_count``, static
 shapes; region ``R = patch_size + 2 * margin`` per axis)::
@@ -73,8 +74,8 @@ Prefetch versus live weights (SPEC 2: "sample in the process that owns the table
 Multi-process: every process draws the same GLOBAL batch (same seed, same table, same step) and
 reads only its slice ``[process_index * b, (process_index + 1) * b)``. For the hardness sampler
 every process must call ``update`` with the same GLOBAL per-sample losses (e.g. the
-all-gathered loss vector of the step, in global batch order with ``case_index`` gathered the same
-way), so the tables and therefore the draws stay identical.
+all-gathered loss vector of the step, in global slot order, with
+``iterator.last_global_case_index``), so the tables and therefore the draws stay identical.
 
 Label budgeting: pass ``mask_fn(case_id, shape) -> (X, Y, Z) array`` (1 = labelled), e.g.
 ``lambda cid, shape: jaxseg.data.budget.slice_mask(shape, axis="random", fraction=1/3, seed=0,
@@ -496,8 +497,10 @@ class PatchBatchIterator(grain.DatasetIterator):
     reads ``b = B / P`` patches). ``patch_size``: int or 3 ints. ``margin``: int or 3 ints, the
     region read is ``patch_size + 2 * margin`` (room for rotation/scaling on the device).
     ``foreground_oversampling``: p in [0, 1]; ``oversample``: "random" | "last" (module doc).
-    ``threads``: reader threads (0 or 1: read in the calling thread). ``prefetch``: batches read
-    ahead, static sampler only (a dynamic sampler is drawn at ``next()``, see the module doc).
+    ``threads``: reader threads (static sampler: grain's pool, 0 = read synchronously; live: a
+    pool when > 1, else the calling thread). ``prefetch``: batches read ahead, static sampler only
+    (grain ``prefetch_buffer_size = max(prefetch, 1) * b`` when ``threads > 0``); a dynamic
+    sampler is drawn at ``next()`` and reads nothing ahead (module doc).
     ``seed``: patch positions (the case draws use the sampler's seed). ``mask_fn``: optional
     ``(case_id, shape) -> mask`` (label budgeting); ``mask_cache``: masks kept (LRU).
     ``process_index`` / ``process_count``: default ``jax.process_index()`` /
@@ -515,6 +518,7 @@ class PatchBatchIterator(grain.DatasetIterator):
         super().__init__()
         self._pool: Optional[futures.ThreadPoolExecutor] = None
         self._grain_it = None
+        self._last_global: Optional[np.ndarray] = None
         if len(source) != sampler.n_cases:
             raise ValueError(f"sampler has {sampler.n_cases} cases, the source {len(source)}")
         if oversample not in OVERSAMPLE_MODES:
@@ -624,6 +628,7 @@ class PatchBatchIterator(grain.DatasetIterator):
         # the consumer asks, so the cases of batch t + 1 would be fixed before the table update
         # of step t. Here the draw happens now, in this process; only the reads are threaded.
         cases = self.sampler.draw(self.batch_size, step)
+        self._last_global = cases
         jobs = [(step, g, int(cases[g])) for g in self._slots()]
         if self.threads > 1 and len(jobs) > 1:
             if self._pool is None:
@@ -640,8 +645,15 @@ class PatchBatchIterator(grain.DatasetIterator):
             batch = self._next_live(self._step)
         else:
             batch = next(self._grain_it)
+            self._last_global = self.sampler.draw(self.batch_size, self._step)  # pure: no RNG state
         self._step += 1
         return batch
+
+    @property
+    def last_global_case_index(self) -> Optional[np.ndarray]:
+        """Case indices (B,) of the whole GLOBAL batch last returned (all processes), in global
+        slot order: what every process passes to ``sampler.update`` with the global losses."""
+        return None if self._last_global is None else self._last_global.copy()
 
     @property
     def step(self) -> int:

@@ -335,14 +335,14 @@ def sliding_window_logits(
 
     from tqdm.auto import tqdm
 
-    buf = np.zeros((bsz, *patch, image.shape[3]), dtype=np.float32)
     for b in tqdm(range(n_batches), desc="windows", unit="batch", disable=not progress, leave=False):
         bstarts = starts[b * bsz:(b + 1) * bsz]
         nvalid = len(bstarts)
+        # A fresh buffer per batch: on the CPU backend jnp.asarray may alias numpy memory, and the
+        # computation runs asynchronously, so a reused buffer could be overwritten while read.
+        buf = np.zeros((bsz, *patch, image.shape[3]), dtype=np.float32)
         for i, (x, y, z) in enumerate(bstarts):
             buf[i] = padded[x:x + patch[0], y:y + patch[1], z:z + patch[2]]
-        if nvalid < bsz:
-            buf[nvalid:] = 0.0
         logits, age = _split_output(fn(jnp.asarray(buf)))
         if not checked:
             want = (bsz, *patch, k)

@@ -1,0 +1,86 @@
+"""Orbax checkpoints: train state, the grain iterator (with the sampler's DRO table and RNG position),
+and a small JSON record (step, config, fingerprint, best metric).
+
+`ckpt/` keeps the last `train.keep_checkpoints`; `best/` keeps the best validation checkpoint.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import grain
+import jax
+import orbax.checkpoint as ocp
+
+from jaxseg.config import Config, config_fingerprint, diff_configs, dump_config, load_config
+
+# What changes the training trajectory; the rest (logging, checkpoint cadence, evaluation) may differ
+# between a run and its resumption.
+TRAJECTORY_KEYS = ("seed", "data", "model", "loss", "optim", "dro", "train.epochs", "train.steps_per_epoch",
+                   "train.parallel", "train.finetune", "train.init_from")
+
+
+class IncompatibleResume(RuntimeError):
+    pass
+
+
+def fingerprint(cfg: Config) -> str:
+    return config_fingerprint(cfg, TRAJECTORY_KEYS)
+
+
+def manager(directory: Path, keep: int) -> ocp.CheckpointManager:
+    return ocp.CheckpointManager(
+        Path(directory).absolute(),
+        options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, enable_async_checkpointing=False),
+        item_names=("state", "data", "meta"),
+    )
+
+
+def save(mgr: ocp.CheckpointManager, step: int, state, iterator, meta: dict) -> None:
+    mgr.save(step, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state),
+        data=grain.checkpoint.CheckpointSave(iterator),
+        meta=ocp.args.JsonSave(meta),
+    ))
+    mgr.wait_until_finished()
+
+
+def read_meta(mgr: ocp.CheckpointManager, step: int) -> dict:
+    return mgr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+
+
+def check_compatible(meta: dict, cfg: Config, where: Path) -> None:
+    """Refuse to resume a run whose trajectory-defining config differs, saying what differs."""
+    if meta.get("fingerprint") == fingerprint(cfg):
+        return
+    import tempfile
+
+    with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:
+        f.write(meta["config"])
+    try:
+        saved = load_config(f.name)
+    finally:
+        Path(f.name).unlink(missing_ok=True)
+    def matters(line: str) -> bool:
+        key = line.split(":")[0]
+        return any(key == k or key.startswith(k + ".") for k in TRAJECTORY_KEYS)
+
+    diffs = [d for d in diff_configs(saved, cfg) if matters(d)]
+    raise IncompatibleResume(
+        f"{where}: refusing to resume: the checkpoint was written with a different config "
+        f"(saved -> now): {'; '.join(diffs) or 'fingerprint differs'}. Use a new --workdir, or restore "
+        f"the saved values (the saved config is {where / 'config.yaml'}).")
+
+
+def restore(mgr: ocp.CheckpointManager, step: int, abstract_state, iterator):
+    out = mgr.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract_state),
+        data=grain.checkpoint.CheckpointRestore(iterator),
+        meta=ocp.args.JsonRestore(),
+    ))
+    return out["state"], out["meta"]
+
+
+def meta_record(cfg: Config, step: int, **extra) -> dict:
+    return {"step": int(step), "fingerprint": fingerprint(cfg), "config": dump_config(cfg),
+            "process_count": jax.process_count(), **extra}

@@ -1,0 +1,330 @@
+"""`train_and_evaluate(cfg, workdir)`: the training loop, read top to bottom.
+
+Sections: run directory -> mesh -> input -> model and sharded init -> step -> checkpoint/resume ->
+loop (batch, step, DRO table, non-finite guard, logs, checkpoints, validation) -> final save.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import platform
+import subprocess
+import time
+from importlib import metadata
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental import multihost_utils
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from jaxseg import distributed
+from jaxseg.config import Config, save_config
+from jaxseg.data import store
+from jaxseg.data.augment import PRESETS
+from jaxseg.data.budget import slice_mask
+from jaxseg.data.pipeline import CaseSampler, CaseSource, PatchBatchIterator
+from jaxseg.inference.sliding_window import sliding_window_logits
+from jaxseg.losses import dro as dro_math
+from jaxseg.models import build_model, model_topology
+from jaxseg.train import checkpoint as ckpt
+from jaxseg.train.optim import make_optimizer
+from jaxseg.train.step import (TrainState, init_state, jit_step, make_step, pmap_step, replicate,
+                               split_for_pmap, unreplicate)
+
+log = logging.getLogger("jaxseg.train")
+
+
+class TrainingError(RuntimeError):
+    pass
+
+
+# ------------------------------------------------------------------------------------------ splits
+
+
+def kfold_split(case_ids, fold: int | str, num_folds: int = 5, seed: int = 12345) -> tuple[list, list]:
+    """nnU-Net's split: sklearn KFold(num_folds, shuffle=True, random_state=seed) over sorted case ids.
+    `fold: all` trains on every case and validates on none."""
+    keys = sorted(case_ids)
+    if fold == "all":
+        return keys, []
+    if len(keys) < num_folds:
+        raise ValueError(f"{len(keys)} training cases cannot make {num_folds} folds; use data.fold=all")
+    idx = np.arange(len(keys))
+    np.random.RandomState(seed).shuffle(idx)  # what sklearn's KFold(shuffle=True) does
+    sizes = np.full(num_folds, len(keys) // num_folds)
+    sizes[: len(keys) % num_folds] += 1
+    start = int(sizes[:fold].sum())
+    val = set(idx[start: start + sizes[fold]].tolist())
+    return [keys[i] for i in range(len(keys)) if i not in val], [keys[i] for i in sorted(val)]
+
+
+# ------------------------------------------------------------------------------------------ helpers
+
+
+def run_record(cfg: Config) -> dict:
+    """What a run directory needs to be reproduced: versions, devices, git revision."""
+    versions = {}
+    for name in ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "grain", "tensorstore", "numpy"):
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            pass
+    try:
+        rev = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                             cwd=Path(__file__).parent).stdout.strip() or None
+    except OSError:
+        rev = None
+    return {"versions": versions, "git_revision": rev, "python": platform.python_version(),
+            "devices": [str(d) for d in jax.devices()], "process_count": jax.process_count(),
+            "seed": cfg.seed}
+
+
+class MetricLog:
+    """JSONL + TensorBoard, written by process 0 only."""
+
+    def __init__(self, workdir: Path, enabled: bool):
+        self.enabled = enabled
+        self._jsonl = open(workdir / "metrics.jsonl", "a") if enabled else None
+        self._tb = None
+        if enabled:
+            from tensorboardX import SummaryWriter
+
+            self._tb = SummaryWriter(str(workdir / "tensorboard"))
+
+    def write(self, step: int, **values) -> None:
+        if not self.enabled:
+            return
+        clean = {k: (float(v) if isinstance(v, (int, float, np.floating, np.integer)) else v)
+                 for k, v in values.items()}
+        self._jsonl.write(json.dumps({"step": int(step), **clean}) + "\n")
+        self._jsonl.flush()
+        for k, v in clean.items():
+            if isinstance(v, float) and math.isfinite(v):
+                self._tb.add_scalar(k, v, step)
+
+    def close(self) -> None:
+        if self.enabled:
+            self._jsonl.close()
+            self._tb.close()
+
+
+def _mean_foreground_dice(pred: np.ndarray, ref: np.ndarray, num_classes: int) -> float:
+    scores = []
+    for c in range(1, num_classes):
+        p, r = pred == c, ref == c
+        if p.any() or r.any():
+            scores.append(2.0 * np.logical_and(p, r).sum() / (p.sum() + r.sum()))
+    return float(np.mean(scores)) if scores else float("nan")
+
+
+def validate(apply_fn, store_root, case_ids, cfg: Config, patch_size) -> dict:
+    """Full-volume sliding-window Dice on stored (preprocessed) validation cases."""
+    dices = []
+    for cid in case_ids:
+        case = store.open_case(store_root, cid)
+        image = np.asarray(case.image.read().result())
+        label = np.asarray(case.label.read().result())
+        logits, _ = sliding_window_logits(apply_fn, image, patch_size, cfg.data.num_classes,
+                                          step=cfg.eval.step_size, sigma_scale=cfg.eval.gaussian_sigma,
+                                          window_batch=cfg.eval.window_batch)
+        dices.append(_mean_foreground_dice(np.argmax(logits, -1), label, cfg.data.num_classes))
+    return {"val_dice": float(np.nanmean(dices)) if dices else float("nan"), "val_cases": len(dices)}
+
+
+# -------------------------------------------------------------------------------------- the loop
+
+
+def train_and_evaluate(cfg: Config, workdir: str | os.PathLike, *, max_steps: int | None = None,
+                       progress: bool = True) -> dict:
+    """Train `cfg` in `workdir`, resuming from its last checkpoint if there is one.
+
+    `max_steps` stops early (tests, and a run killed and resumed must match one that was not: the
+    schedule still follows train.epochs x train.steps_per_epoch). Returns a summary dict.
+    """
+    # --- Run directory ------------------------------------------------------------------------
+    distributed.initialize()
+    workdir = Path(workdir)
+    main = distributed.is_main_process()
+    if main:
+        workdir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, workdir / "config.yaml")
+        (workdir / "run.json").write_text(json.dumps(run_record(cfg), indent=2) + "\n")
+    total_steps = cfg.train.epochs * cfg.train.steps_per_epoch
+    stop_at = total_steps if max_steps is None else min(total_steps, max_steps)
+
+    # --- Mesh ---------------------------------------------------------------------------------
+    mesh = distributed.make_mesh()
+    repl = NamedSharding(mesh, P())
+    data_sharding = NamedSharding(mesh, P("data"))
+    n_dev = jax.device_count()
+    if cfg.data.batch_size % n_dev:
+        raise TrainingError(f"data.batch_size={cfg.data.batch_size} must be divisible by the {n_dev} devices")
+
+    # --- Input --------------------------------------------------------------------------------
+    store_root = Path(cfg.data.store)
+    if not (store_root / "dataset.json").exists():
+        raise TrainingError(f"{store_root}: no prepared case store (run `python -m jaxseg.launch prepare`)")
+    all_train = CaseSource(store_root, split="train")
+    train_ids, val_ids = kfold_split(all_train.case_ids, cfg.data.fold, cfg.data.num_folds, cfg.data.split_seed)
+    source = CaseSource(store_root, split="train", case_ids=train_ids)
+    d = cfg.dro
+    sampler_mode = "hardness" if d.enabled and d.mode in ("sampling", "sampling_is") else "uniform"
+    sampler = CaseSampler(len(source), mode=sampler_mode, seed=cfg.seed, beta=d.beta, floor=d.prob_floor,
+                          init_loss=d.init_loss, case_ids=source.case_ids)
+    topology = model_topology(cfg)
+    patch = topology.patch_size if cfg.model.arch == "unet" else cfg.data.patch_size
+    aug = PRESETS[cfg.data.augment]
+    # Room for rotation and scaling on the device (nnU-Net loads a larger region for the same reason).
+    margin = tuple(int(math.ceil(p * 0.25)) for p in patch) if aug.needs_resampling else (0, 0, 0)
+    budget = cfg.data.label_budget
+    mask_fn = None
+    if budget.enabled:
+        def mask_fn(case_id, shape):
+            return slice_mask(shape, budget.axis, budget.fraction, budget.exclude_border, seed=cfg.seed,
+                              case_id=case_id)
+    iterator = PatchBatchIterator(source, sampler, batch_size=cfg.data.batch_size, patch_size=patch,
+                                  margin=margin, foreground_oversampling=cfg.data.foreground_oversampling,
+                                  threads=cfg.data.threads, prefetch=cfg.data.prefetch, seed=cfg.seed,
+                                  mask_fn=mask_fn)
+
+    # --- Model, optimiser, sharded init -----------------------------------------------------------
+    model = build_model(cfg)
+    x_spec = jnp.zeros((1, *patch, cfg.data.num_channels), jnp.float32)
+    init_key, step_key = jax.random.split(jax.random.key(cfg.seed))
+    abstract_params = jax.eval_shape(lambda k: model.init(k, x_spec)["params"], init_key)
+    optimizer = make_optimizer(cfg.optim, cfg.train.epochs, cfg.train.steps_per_epoch, params=abstract_params)
+    abstract_state = jax.eval_shape(lambda p: init_state(p, optimizer), abstract_params)
+    state_sharding = jax.tree.map(lambda _: repl, abstract_state)
+    make_state = jax.jit(lambda k: init_state(model.init(k, x_spec)["params"], optimizer),
+                         out_shardings=state_sharding)
+
+    # --- Step -------------------------------------------------------------------------------------
+    if cfg.train.parallel == "pmap":
+        if jax.process_count() > 1:
+            raise TrainingError("train.parallel=pmap is single-process here; use jit for multi-host runs")
+        train_step = pmap_step(make_step(model, cfg, optimizer, aug, patch, axis_name="data"))
+    else:
+        train_step = jit_step(make_step(model, cfg, optimizer, aug, patch), mesh)
+
+    # --- Checkpoint / resume ------------------------------------------------------------------------
+    last_mgr = ckpt.manager(workdir / "ckpt", cfg.train.keep_checkpoints)
+    best_mgr = ckpt.manager(workdir / "best", 1)
+    best = {"val_dice": -math.inf, "step": None}
+    latest = last_mgr.latest_step()
+    if latest is not None:
+        ckpt.check_compatible(ckpt.read_meta(last_mgr, latest), cfg, workdir)
+        restore_target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=repl),
+                                      abstract_state)
+        state, meta = ckpt.restore(last_mgr, latest, restore_target, iterator)
+        best = meta.get("best", best)
+        log.info("resumed from step %d", latest)
+    else:
+        state = make_state(init_key)
+    if cfg.train.parallel == "pmap":
+        state = replicate(jax.device_get(state), jax.local_devices())
+
+    def host_state(s):
+        return unreplicate(s) if cfg.train.parallel == "pmap" else s
+
+    def save(step_now: int) -> None:
+        ckpt.save(last_mgr, step_now, host_state(state), iterator,
+                  ckpt.meta_record(cfg, step_now, best=best))
+
+    # --- Loop -------------------------------------------------------------------------------------
+    metric_log = MetricLog(workdir, main)
+    step = int(jax.device_get(host_state(state).step))
+    bar = None
+    if progress and main:
+        from tqdm import tqdm
+
+        bar = tqdm(total=stop_at, initial=step, unit="step", dynamic_ncols=True)
+    skipped = 0
+    t_last, steps_since = time.perf_counter(), 0
+    recent_losses: list[float] = []
+    strata = [m.get("stratum") for m in source.metas]
+    try:
+        while step < stop_at:
+            batch = next(iterator)
+            feed = {k: batch[k] for k in ("image", "label", "mask", "case_index")}
+            table = jnp.asarray(sampler.table, jnp.float32)
+            if cfg.train.parallel == "pmap":
+                state, metrics = train_step(state, split_for_pmap(feed, jax.local_device_count()), step_key, table)
+                metrics = {k: (np.asarray(v).reshape(-1) if k in ("per_sample_loss", "weights")
+                               else np.asarray(v)[0]) for k, v in metrics.items()}
+                case_index = feed["case_index"]
+            else:
+                global_batch = {k: jax.make_array_from_process_local_data(data_sharding, v)
+                                for k, v in feed.items()}
+                state, metrics = train_step(state, global_batch, step_key, table)
+                metrics = {k: np.asarray(multihost_utils.process_allgather(v, tiled=True))
+                           if k in ("per_sample_loss", "weights") else np.asarray(v) for k, v in metrics.items()}
+                case_index = np.asarray(multihost_utils.process_allgather(global_batch["case_index"], tiled=True))
+            step += 1
+            steps_since += 1
+
+            # Non-finite guard: the step already kept the parameters; count and stop after K in a row.
+            if not bool(metrics["finite"]):
+                skipped += 1
+                nonfinite = int(jax.device_get(host_state(state).nonfinite))
+                log.warning("step %d: non-finite loss or gradient, update skipped (%d in a row)", step, nonfinite)
+                if nonfinite >= cfg.train.max_nonfinite:
+                    raise TrainingError(
+                        f"{nonfinite} consecutive non-finite steps (train.max_nonfinite="
+                        f"{cfg.train.max_nonfinite}) at step {step}; the last good checkpoint in "
+                        f"{workdir / 'ckpt'} (step {last_mgr.latest_step()}) is intact")
+            else:
+                # The DRO table takes this step's per-sample losses (in the process that draws cases).
+                sampler.update(case_index, metrics["per_sample_loss"])
+                recent_losses.append(float(metrics["loss"]))
+
+            if step % cfg.train.log_every == 0 or step == stop_at:
+                now = time.perf_counter()
+                record = {"loss": float(np.mean(recent_losses)) if recent_losses else float("nan"),
+                          "grad_norm": float(metrics["grad_norm"]), "steps_per_s": steps_since / (now - t_last),
+                          "skipped_steps": skipped, "epoch": step / cfg.train.steps_per_epoch}
+                metric_log.write(step, **record)
+                if bar is not None:
+                    bar.set_postfix(loss=f"{record['loss']:.4f}", refresh=False)
+                recent_losses, t_last, steps_since = [], now, 0
+            if d.enabled and step % d.log_every == 0:
+                tab = sampler.table
+                p = dro_math.sampling_probs(tab, d.beta, d.prob_floor)
+                hardest = np.argsort(-tab)[:3]
+                metric_log.write(
+                    step, dro_bound_a05=float(dro_math.percentile_bound(tab, 0.05, d.beta)),
+                    dro_bound_a10=float(dro_math.percentile_bound(tab, 0.10, d.beta)),
+                    dro_q95=float(np.quantile(tab, 0.95)), dro_q90=float(np.quantile(tab, 0.90)),
+                    dro_ess=float(dro_math.effective_sample_size(p)),
+                    dro_hardest=[{"case": source.case_ids[i], "stratum": strata[i], "loss": float(tab[i])}
+                                 for i in hardest])
+            if bar is not None:
+                bar.update(1)
+
+            if step % cfg.train.checkpoint_every == 0 or step == stop_at:
+                save(step)
+            if val_ids and (step % (cfg.train.val_every * cfg.train.steps_per_epoch) == 0 or step == total_steps):
+                params = host_state(state).params
+                apply_fn = jax.jit(lambda x: model.apply({"params": params}, x).seg[0]
+                                   if cfg.model.arch == "unet" else model.apply({"params": params}, x))
+                val = validate(apply_fn, store_root, val_ids, cfg, patch)
+                metric_log.write(step, **val)
+                if val["val_dice"] > best["val_dice"]:
+                    best = {"val_dice": val["val_dice"], "step": step}
+                    ckpt.save(best_mgr, step, host_state(state), iterator, ckpt.meta_record(cfg, step, best=best))
+    finally:
+        if bar is not None:
+            bar.close()
+        metric_log.close()
+        iterator.close()
+        last_mgr.close()
+        best_mgr.close()
+
+    final = host_state(state)
+    return {"step": step, "total_steps": total_steps, "skipped_steps": skipped, "best": best,
+            "params": final.params, "train_cases": train_ids, "val_cases": val_ids,
+            "dro_table": np.asarray(sampler.table)}
