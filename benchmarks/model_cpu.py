@@ -83,18 +83,29 @@ def main() -> None:
     args = ap.parse_args()
     impls = args.impls.split(",")
     results = []
+
+    def flush():  # after every case: a crash (e.g. out of memory) keeps what was measured
+        write_json(args.out, {"benchmark": "model_cpu", "environment": environment(), "results": results})
+
     for shape, cout in (((2, 48, 48, 48, 8), 8), ((2, 32, 32, 32, 16), 16), ((2, 32, 32, 32, 32), 32),
                         ((2, 16, 16, 16, 128), 128)):
         for impl in ("xla", "im2col"):
             results.append(conv_case(impl, shape, cout, args.repeats))
+            flush()
             print(results[-1]["model"], shape, impl, f"{results[-1]['min_s']:.3f} s", flush=True)
     for impl in impls:
         for case in (lambda: unet_case(impl, 64, 2, args.repeats), lambda: compact_case(impl, args.repeats)):
-            results.append(case())
+            try:
+                results.append(case())
+            except Exception as e:  # noqa: BLE001 -- record the failure (out of memory) and go on
+                results.append({"conv_impl": impl, "error": f"{type(e).__name__}: {str(e)[:300]}"})
+                print("failed:", results[-1]["error"], flush=True)
+                flush()
+                continue
+            flush()
             r = results[-1]
             print(r["model"], r["patch"], impl, f"{r['params']:,} params", f"fwd+bwd {r['min_s']:.2f} s",
                   f"(first call {r['first_call_s']:.1f} s)", flush=True)
-    write_json(args.out, {"benchmark": "model_cpu", "environment": environment(), "results": results})
 
 
 if __name__ == "__main__":

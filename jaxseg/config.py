@@ -58,6 +58,7 @@ __all__ = [
     "DataConfig",
     "LabelBudgetConfig",
     "ModelConfig",
+    "SynthConfig",
     "LossConfig",
     "OptimConfig",
     "TrainConfig",
@@ -359,6 +360,35 @@ class EvalConfig(_Section):
 
 
 @dataclass(frozen=True)
+class SynthConfig(_Section):
+    """The embedded synthetic cohort (jaxseg.data.synth): what `launch synth` and `launch demo` write."""
+
+    n_subjects: int = 100
+    n_test: int | None = None  # None: 20%
+    spacing: float = 2.0
+    seed: int = 0
+    flavour: Literal["tissue", "lesion"] = "tissue"
+    sites: int = 3
+    p_ventriculomegaly: float = 0.1
+    p_cerebellar_hypoplasia: float = 0.1
+
+    def _validate(self) -> None:
+        _check(self.n_subjects >= 1, "n_subjects", f"must be >= 1, got {self.n_subjects}")
+        if self.n_test is not None:
+            _check(0 <= self.n_test < self.n_subjects, "n_test", f"must be in [0, n_subjects), got {self.n_test}",
+                   "n_subjects")
+        _check(self.spacing > 0, "spacing", f"must be > 0, got {self.spacing!r}")
+        _check(self.sites >= 1, "sites", f"must be >= 1, got {self.sites}")
+        _check(self.p_ventriculomegaly >= 0 and self.p_cerebellar_hypoplasia >= 0
+               and self.p_ventriculomegaly + self.p_cerebellar_hypoplasia <= 1, "p_ventriculomegaly",
+               "the abnormal strata's proportions must be >= 0 and sum to at most 1", "p_cerebellar_hypoplasia")
+
+    def strata(self) -> dict[str, float]:
+        p_v, p_c = self.p_ventriculomegaly, self.p_cerebellar_hypoplasia
+        return {"control": 1.0 - p_v - p_c, "ventriculomegaly": p_v, "cerebellar_hypoplasia": p_c}
+
+
+@dataclass(frozen=True)
 class Config(_Section):
     experiment: str = "default"
     seed: int = 0
@@ -369,6 +399,7 @@ class Config(_Section):
     train: TrainConfig = field(default_factory=TrainConfig)
     dro: DROConfig = field(default_factory=DROConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    synth: SynthConfig = field(default_factory=SynthConfig)
 
     def _validate(self) -> None:
         _check(bool(self.experiment.strip()), "experiment", "must not be empty")

@@ -23,13 +23,20 @@ kaiming_normal = nn.initializers.variance_scaling(2.0 / (1.0 + 0.01**2), "fan_in
 # On this project's 2-core CPU, fwd+bwd of a 3x3x3 conv: im2col 2.3x faster than XLA at 32->32
 # channels (2x32^3), 1.9x at 2x64^3, but 1.4x slower at 8->8 (2x48^3); see benchmarks/model_cpu.py.
 IM2COL_MIN_CHANNELS = 16
+# Autodiff keeps every kernel row's patch tensor (9x the input) for the weight gradient: the compact
+# DeepLesionBrain U-Net at 96^3 asked for a 40 GB buffer. Above this size per row, `auto` takes XLA's.
+IM2COL_MAX_ROW_BYTES = 2 * 2**30
 
 
-def resolve_conv_impl(impl: ConvImpl, in_channels: int | None = None) -> Literal["xla", "im2col"]:
+def resolve_conv_impl(impl: ConvImpl, in_channels: int | None = None,
+                      row_bytes: int | None = None) -> Literal["xla", "im2col"]:
     """`auto`: XLA's convolution (cuDNN) off CPU; on CPU im2col for layers with at least
-    IM2COL_MIN_CHANNELS input channels, where it measured faster, XLA's below that."""
+    IM2COL_MIN_CHANNELS input channels, where it measured faster, unless one kernel row's patch tensor
+    would exceed IM2COL_MAX_ROW_BYTES."""
     if impl == "auto":
         if jax.default_backend() != "cpu":
+            return "xla"
+        if row_bytes is not None and row_bytes > IM2COL_MAX_ROW_BYTES:
             return "xla"
         return "im2col" if in_channels is None or in_channels >= IM2COL_MIN_CHANNELS else "xla"
     return impl
@@ -97,7 +104,8 @@ class Conv3D(nn.Module):
     def __call__(self, x):
         ks, st = _as_triple(self.kernel_size), _as_triple(self.strides)
         kernel = self.param("kernel", kaiming_normal, (*ks, x.shape[-1], self.features), jnp.float32)
-        impl = resolve_conv_impl(self.conv_impl, x.shape[-1])
+        row_bytes = int(np.prod(x.shape)) * ks[1] * ks[2] * jnp.dtype(self.dtype).itemsize
+        impl = resolve_conv_impl(self.conv_impl, x.shape[-1], row_bytes)
         y = conv3d(x.astype(self.dtype), kernel.astype(self.dtype), st, impl, self.padding)
         if self.use_bias:
             y = y + self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32).astype(self.dtype)

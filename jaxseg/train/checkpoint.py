@@ -84,3 +84,25 @@ def restore(mgr: ocp.CheckpointManager, step: int, abstract_state, iterator):
 def meta_record(cfg: Config, step: int, **extra) -> dict:
     return {"step": int(step), "fingerprint": fingerprint(cfg), "config": dump_config(cfg),
             "process_count": jax.process_count(), **extra}
+
+
+def load_params(run_dir: str | Path, which: str = "best"):
+    """The parameters of a finished or running run: `best` (falls back to the last when the run had no
+    validation split) or `last`. Returns (params, meta)."""
+    run_dir = Path(run_dir)
+    order = {"best": ("best", "ckpt"), "last": ("ckpt",)}[which]
+    for sub in order:
+        directory = run_dir / sub
+        if not directory.exists():
+            continue
+        mgr = ocp.CheckpointManager(directory.absolute(), item_names=("state", "data", "meta"),
+                                    options=ocp.CheckpointManagerOptions(read_only=True))
+        step = mgr.latest_step()
+        if step is None:
+            mgr.close()
+            continue
+        out = mgr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(),
+                                                        meta=ocp.args.JsonRestore()))
+        mgr.close()
+        return out["state"]["params"], out["meta"]
+    raise FileNotFoundError(f"{run_dir}: no checkpoint in {' or '.join(order)}/ (has this run trained?)")
