@@ -22,6 +22,5 @@ test: install
 bench-models: install
 	$(BIN)/python benchmarks/model_cpu.py --out benchmarks/results/model_cpu.json
 
-demo:
-	@echo "The demo (python -m jaxseg.launch demo) arrives with the end-to-end issue; it is not there yet." >&2
-	@exit 2
+demo: install
+	$(BIN)/python -m jaxseg.launch demo --config configs/demo.yaml --workdir runs/demo

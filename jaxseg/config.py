@@ -42,7 +42,6 @@ import hashlib
 import math
 import os
 import re
-import tempfile
 import types
 import typing
 from collections.abc import Callable, Mapping, Sequence
@@ -51,6 +50,8 @@ from pathlib import Path
 from typing import Any, Literal, Union
 
 import yaml
+
+from jaxseg.fileio import write_text_atomic
 
 __all__ = [
     "ConfigError",
@@ -862,24 +863,7 @@ def dump_config(cfg: Any) -> str:
 
 def save_config(cfg: Any, path: str | os.PathLike[str]) -> Path:
     """Write ``dump_config(cfg)`` to ``path`` atomically (temp file in the same folder + os.replace)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    text = dump_config(cfg)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    return path
+    return write_text_atomic(path, dump_config(cfg))
 
 
 # ------------------------------------------------------------ comparing configs

@@ -9,7 +9,9 @@ last finished checkpoint: train state, optimiser state, data iterator position a
 (or grain's static stream position) and must reproduce the uninterrupted run exactly.
 
 One process with 1 fake CPU device (the sharded multi-device restore is covered in-process by
-tests/test_train_loop.py); each variant runs 3 subprocesses (~45 s on 2 cores).
+tests/test_train_loop.py); each variant runs 3 subprocesses. They share a persistent compilation
+cache (the uninterrupted run compiles, the other two load the same executable), so the comparison
+isolates what the restart restores, not whether XLA compiles the same program twice the same way.
 """
 
 from __future__ import annotations
@@ -44,16 +46,23 @@ def tiny_store(tmp_path_factory):
     return root / "store"
 
 
-def worker_env() -> dict:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("JAXSEG_", "SLURM_"))}
+@pytest.fixture(scope="module")
+def xla_cache(tmp_path_factory) -> Path:
+    """A persistent compilation cache shared by the runs of this module (fresh per session)."""
+    return tmp_path_factory.mktemp("xla_cache")
+
+
+def worker_env(cache: Path) -> dict:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("JAXSEG_", "SLURM_", "JAX_COMPILATION_"))}
     env.update(JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1",
-               JAX_THREEFRY_PARTITIONABLE="0", PYTHONUNBUFFERED="1")
+               JAX_THREEFRY_PARTITIONABLE="0", PYTHONUNBUFFERED="1",
+               JAX_COMPILATION_CACHE_DIR=str(cache), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
     return env
 
 
-def start(cmd: list[str], log: Path) -> subprocess.Popen:
+def start(cmd: list[str], log: Path, cache: Path) -> subprocess.Popen:
     with open(log, "ab") as f:  # the resumed run appends to the killed run's log
-        return subprocess.Popen(cmd, env=worker_env(), stdout=f, stderr=subprocess.STDOUT,
+        return subprocess.Popen(cmd, env=worker_env(cache), stdout=f, stderr=subprocess.STDOUT,
                                 start_new_session=True)  # its own process group, killed as one
 
 
@@ -65,8 +74,8 @@ def kill_group(proc: subprocess.Popen) -> None:
     proc.wait()
 
 
-def run_to_end(cmd: list[str], log: Path) -> None:
-    proc = start(cmd, log)
+def run_to_end(cmd: list[str], log: Path, cache: Path) -> None:
+    proc = start(cmd, log, cache)
     try:
         code = proc.wait(timeout=TIMEOUT_S)
     except subprocess.TimeoutExpired:
@@ -106,19 +115,19 @@ def load(path: Path) -> dict:
     pytest.param([], id="uniform"),  # static sampler: grain pipeline with thread prefetch
     pytest.param(["dro.enabled=true", "dro.mode=sampling_is"], id="dro"),  # live hardness sampler + table
 ])
-def test_sigkill_then_rerun_matches_uninterrupted_run(tiny_store, tmp_path, overrides):
+def test_sigkill_then_rerun_matches_uninterrupted_run(tiny_store, tmp_path, xla_cache, overrides):
     def cmd(workdir: Path, out: Path) -> list[str]:
         return [sys.executable, str(WORKER), str(tiny_store), str(workdir), str(STEPS), str(out),
                 *OVERRIDES, *overrides]
 
     t0 = time.perf_counter()
-    run_to_end(cmd(tmp_path / "ref", tmp_path / "ref.npz"), tmp_path / "ref.log")
+    run_to_end(cmd(tmp_path / "ref", tmp_path / "ref.npz"), tmp_path / "ref.log", xla_cache)
     t1 = time.perf_counter()
 
     # --- Start, wait for a finished checkpoint >= 2, SIGKILL the process group ---------------
     workdir, log = tmp_path / "cut", tmp_path / "cut.log"
     ckpt_dir = workdir / "ckpt"
-    proc = start(cmd(workdir, tmp_path / "cut.npz"), log)
+    proc = start(cmd(workdir, tmp_path / "cut.npz"), log, xla_cache)
     deadline = time.monotonic() + TIMEOUT_S
     mid_save = False
     try:
@@ -148,7 +157,7 @@ def test_sigkill_then_rerun_matches_uninterrupted_run(tiny_store, tmp_path, over
           f"; finished checkpoints {at_kill}, {n_logged} steps logged")
 
     # --- The same command again: resumes from the last finished checkpoint -------------------
-    run_to_end(cmd(workdir, tmp_path / "cut.npz"), log)
+    run_to_end(cmd(workdir, tmp_path / "cut.npz"), log, xla_cache)
     t3 = time.perf_counter()
     print(f"uninterrupted {t1 - t0:.1f} s, killed after {t2 - t1:.1f} s, resumed {t3 - t2:.1f} s")
 

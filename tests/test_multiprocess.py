@@ -4,7 +4,10 @@ Two local processes join through jax.distributed (coordinator 127.0.0.1 on a fre
 the cross-process collectives on CPU, set up by ``jaxseg.distributed.initialize``), each reads
 its half of the global batch of 8, and after 2 steps both hold the parameters a single process
 with 8 fake devices reaches with the same config (up to float reordering of the cross-process
-reductions). Each variant costs two XLA compiles in subprocesses (~35 s on 2 cores).
+reductions). The same holds when the processes are told what they are by SLURM's variables
+(as under ``srun``) instead of the launcher's JAXSEG_* ones. Each training run is a subprocess
+(~20-35 s on 2 cores, half of it compiling; a compilation cache shared by the module's runs and
+one single-process reference per config keep the module near 2 minutes).
 
 The processes run ``tests/_train_worker.py`` with an explicit environment (the fake devices of
 tests/conftest.py apply to this pytest process only).
@@ -45,11 +48,19 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def worker_env(devices: int, **extra: str) -> dict:
+@pytest.fixture(scope="module")
+def xla_cache(tmp_path_factory) -> Path:
+    """A persistent compilation cache shared by this module's subprocesses (fresh per session): runs
+    of the same program (e.g. the two 2-process runs of the default config) compile once."""
+    return tmp_path_factory.mktemp("xla_cache")
+
+
+def worker_env(devices: int, cache: Path, **extra: str) -> dict:
     """This environment without launcher/SLURM variables, plus CPU with `devices` fake devices."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("JAXSEG_", "SLURM_"))}
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("JAXSEG_", "SLURM_", "JAX_COMPILATION_"))}
     env.update(JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
-               JAX_THREEFRY_PARTITIONABLE="0", PYTHONUNBUFFERED="1", **extra)
+               JAX_THREEFRY_PARTITIONABLE="0", PYTHONUNBUFFERED="1",
+               JAX_COMPILATION_CACHE_DIR=str(cache), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", **extra)
     return env
 
 
@@ -89,42 +100,74 @@ def load(path: Path) -> dict:
         return {k: z[k] for k in z.files}
 
 
+@pytest.fixture(scope="module")
+def single_process(tiny_store, tmp_path_factory, xla_cache):
+    """`run(overrides)`: the reference, 1 process x 8 devices, trained once per overrides."""
+    cache: dict = {}
+
+    def run(overrides: list[str]) -> dict:
+        key = tuple(overrides)
+        if key not in cache:
+            d = tmp_path_factory.mktemp("single")
+            t0 = time.perf_counter()
+            run_processes([sys.executable, str(WORKER), str(tiny_store), str(d / "run"), str(STEPS),
+                           str(d / "out.npz"), *overrides], [worker_env(8, xla_cache)], [d / "run.log"])
+            print(f"1 process x 8 devices: {time.perf_counter() - t0:.1f} s")
+            cache[key] = load(d / "out.npz")
+        return cache[key]
+
+    return run
+
+
+def two_processes(store: Path, tmp_path: Path, overrides: list[str], envs: list[dict]) -> tuple[dict, dict]:
+    """Train with 2 processes x 4 devices; the results of process 0 and process 1."""
+    t0 = time.perf_counter()
+    run_processes([sys.executable, str(WORKER), str(store), str(tmp_path / "multi"), str(STEPS),
+                   str(tmp_path / "multi.npz"), *overrides],
+                  envs, [tmp_path / f"multi{i}.log" for i in range(2)])
+    print(f"2 processes x 4 devices: {time.perf_counter() - t0:.1f} s")
+    return load(tmp_path / "multi.npz"), load(tmp_path / "multi.process1.npz")
+
+
+def check_same_training(ref: dict, got: dict, other: dict) -> None:
+    assert int(ref["__step__"]) == int(got["__step__"]) == int(other["__step__"]) == STEPS
+    assert sorted(ref) == sorted(got) == sorted(other)
+    # The two processes hold identical replicas, and identical DRO tables (same global losses).
+    for k in got:
+        np.testing.assert_array_equal(other[k], got[k], err_msg=f"process 1 differs from process 0 at {k}")
+    # ... and train like one process with all 8 devices (cross-process sums may be reordered).
+    for k in ref:
+        np.testing.assert_allclose(got[k], ref[k], rtol=1e-4, atol=1e-6, err_msg=k)
+    # The steps trained on real losses: the DRO table (init_loss 2.0 + 1e-4 noise) took the
+    # all-gathered per-sample losses of both processes' slots.
+    assert np.sum(np.abs(got["__dro_table__"] - 2.0) > 1e-2) >= 2
+
+
 @pytest.mark.parametrize("overrides", [
     pytest.param([], id="erm"),
     # Hardness sampling with importance weights: step 2's draw reads the DRO table updated with step
     # 1's all-gathered losses, so the processes only agree if every one updated the same table.
     pytest.param(["dro.enabled=true", "dro.mode=sampling_is"], id="dro"),
 ])
-def test_two_processes_match_one_process(tiny_store, tmp_path, overrides):
-    t0 = time.perf_counter()
-    single = tmp_path / "single.npz"
-    run_processes([sys.executable, str(WORKER), str(tiny_store), str(tmp_path / "single"), str(STEPS),
-                   str(single), *overrides],
-                  [worker_env(8)], [tmp_path / "single.log"])
-    t1 = time.perf_counter()
-
-    multi = tmp_path / "multi.npz"
+def test_two_processes_match_one_process(tiny_store, tmp_path, single_process, xla_cache, overrides):
+    """The launcher's variables (launch/multiprocess.sh): JAXSEG_COORDINATOR/NUM_PROCESSES/PROCESS_ID."""
     coordinator = f"127.0.0.1:{free_port()}"
-    envs = [worker_env(4, JAXSEG_COORDINATOR=coordinator, JAXSEG_NUM_PROCESSES="2", JAXSEG_PROCESS_ID=str(i))
+    envs = [worker_env(4, xla_cache, JAXSEG_COORDINATOR=coordinator, JAXSEG_NUM_PROCESSES="2", JAXSEG_PROCESS_ID=str(i))
             for i in range(2)]
-    run_processes([sys.executable, str(WORKER), str(tiny_store), str(tmp_path / "multi"), str(STEPS),
-                   str(multi), *overrides],
-                  envs, [tmp_path / f"multi{i}.log" for i in range(2)])
-    t2 = time.perf_counter()
-    print(f"1 process x 8 devices: {t1 - t0:.1f} s; 2 processes x 4 devices: {t2 - t1:.1f} s")
-
-    ref, got, other = load(single), load(multi), load(tmp_path / "multi.process1.npz")
-    assert int(ref["__step__"]) == int(got["__step__"]) == int(other["__step__"]) == STEPS
-    assert sorted(ref) == sorted(got) == sorted(other)
-    # The two processes hold identical replicas, and identical DRO tables (same global losses).
-    for k in got:
-        np.testing.assert_array_equal(other[k], got[k], err_msg=f"process 1 differs from process 0 at {k}")
-    # ... and train like one process with all 8 devices.
-    for k in ref:
-        np.testing.assert_allclose(got[k], ref[k], rtol=1e-4, atol=1e-6, err_msg=k)
-    # The steps trained on real losses: the DRO table (init_loss 2.0 + 1e-4 noise) took the
-    # all-gathered per-sample losses of both processes' slots.
-    assert np.sum(np.abs(got["__dro_table__"] - 2.0) > 1e-2) >= 2
+    got, other = two_processes(tiny_store, tmp_path, overrides, envs)
+    check_same_training(single_process(overrides), got, other)
     # Each process checkpointed its own data iterator state next to the shared train state.
     data = tmp_path / "multi" / "ckpt" / str(STEPS) / "data"
     assert sorted(p.name for p in data.glob("process_*.json")) == ["process_0-of-2.json", "process_1-of-2.json"]
+
+
+def test_slurm_variables_start_the_same_run(tiny_store, tmp_path, single_process, xla_cache):
+    """What srun gives each task (launch/slurm.sbatch): no JAXSEG_* variables, SLURM_NTASKS > 1, and
+    jax.distributed's SLURM auto-detection finds the coordinator (first node of SLURM_STEP_NODELIST,
+    port JAX_COORDINATOR_PORT) and the process ids (SLURM_PROCID)."""
+    port = str(free_port())
+    envs = [worker_env(4, xla_cache, SLURM_JOB_ID="4242", SLURM_STEP_NODELIST="127.0.0.1", SLURM_NTASKS="2",
+                       SLURM_PROCID=str(i), SLURM_LOCALID=str(i), JAX_COORDINATOR_PORT=port)
+            for i in range(2)]
+    got, other = two_processes(tiny_store, tmp_path, [], envs)
+    check_same_training(single_process([]), got, other)

@@ -64,3 +64,28 @@ def test_resume_continues_and_incompatible_resume_is_refused(tiny_store, tmp_pat
         np.testing.assert_array_equal(a, b)
     with pytest.raises(IncompatibleResume, match=r"optim.lr: 0.01 -> 0.02"):
         train_and_evaluate(tiny_cfg(tiny_store, "optim.lr=0.02"), tmp_path / "cut", max_steps=4, progress=False)
+
+
+def test_nonfinite_steps_stop_the_run_with_last_good_checkpoint_intact(tiny_store, tmp_path, monkeypatch):
+    from jaxseg.data import pipeline
+    from jaxseg.train.loop import TrainingError
+    from jaxseg.train.checkpoint import load_params
+
+    original = pipeline.PatchBatchIterator.__next__
+
+    def poisoned(self):
+        batch = original(self)
+        if self.step > 1:  # from the second step on, every batch is NaN
+            batch["image"] = np.full_like(batch["image"], np.nan)
+        return batch
+
+    cfg = tiny_cfg(tiny_store, "train.max_nonfinite=2")
+    one_step = train_and_evaluate(cfg, tmp_path / "one", max_steps=1, progress=False)["params"]
+    monkeypatch.setattr(pipeline.PatchBatchIterator, "__next__", poisoned)
+    with pytest.raises(TrainingError, match=r"2 consecutive non-finite steps .* at step 3; the last good "
+                                            r"checkpoint .* is intact"):
+        train_and_evaluate(cfg, tmp_path / "run", max_steps=6, progress=False)
+    # Skipped steps changed nothing: the last checkpoint holds the parameters of the one good step.
+    params, _ = load_params(tmp_path / "run", "last")
+    for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(one_step)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

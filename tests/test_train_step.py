@@ -7,7 +7,6 @@ from jax.sharding import Mesh
 
 from jaxseg.config import load_config
 from jaxseg.data.augment import PRESETS
-from jaxseg.losses import dro
 from jaxseg.models import build_model
 from jaxseg.train import optim
 from jaxseg.train.step import (dro_sample_weights, init_state, jit_step, make_step, pmap_step, replicate,

@@ -14,13 +14,14 @@ voxel order, so that it can be written with the file's original affine.
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import nibabel as nib
 import numpy as np
 from nibabel import orientations as nio
+
+from jaxseg.fileio import atomic_path
 
 __all__ = [
     "DataError",
@@ -173,19 +174,8 @@ def save_nifti(
     img.header.set_slope_inter(1.0, 0.0)
     img.set_qform(affine, code=qcode)
     img.set_sform(affine, code=scode)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    suffix = _nifti_suffix(path) or ".nii.gz"
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", suffix=suffix, dir=str(path.parent))
-    os.close(fd)
-    try:
-        nib.save(img, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
+    with atomic_path(path, suffix=_nifti_suffix(path) or ".nii.gz") as tmp:
+        nib.save(img, str(tmp))
     return path
 
 

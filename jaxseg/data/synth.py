@@ -63,7 +63,6 @@ import io
 import json
 import os
 import shutil
-import tempfile
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -72,6 +71,8 @@ from typing import Any
 
 import numpy as np
 from scipy import ndimage as ndi
+
+from jaxseg.fileio import atomic_path
 
 __all__ = [
     "LABELS",
@@ -314,19 +315,8 @@ class Template:
 
 
 def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    with atomic_path(path) as tmp:
+        Path(tmp).write_bytes(data)
 
 
 def load_template(resolution: int = 1, *, cache: str | Path | None = None,

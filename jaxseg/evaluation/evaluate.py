@@ -35,7 +35,6 @@ import csv
 import math
 import multiprocessing as mp
 import os
-import tempfile
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor
@@ -44,6 +43,7 @@ from typing import Any
 
 import numpy as np
 
+from jaxseg.fileio import atomic_path
 from jaxseg.data.datasets import Dataset, read_dataset
 from jaxseg.data.io import DataError, load_nifti, voxel_spacing
 from jaxseg.evaluation import metrics as M
@@ -295,20 +295,11 @@ def write_case_csv(rows: Sequence[Mapping[str, Any]], path: str | os.PathLike) -
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     cols = _columns(rows)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", suffix=".csv", dir=str(path.parent))
-    try:
-        with os.fdopen(fd, "w", newline="") as f:
-            w = csv.writer(f)
-            w.writerow(cols)
-            for r in rows:
-                w.writerow([_cell(r.get(c)) for c in cols])
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
+    with atomic_path(path, suffix=".csv") as tmp, open(tmp, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(cols)
+        for r in rows:
+            w.writerow([_cell(r.get(c)) for c in cols])
     return path
 
 

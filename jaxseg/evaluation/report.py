@@ -26,13 +26,13 @@ import math
 import os
 import re
 import shutil
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from jaxseg.fileio import write_text_atomic
 from jaxseg.evaluation import metrics as M
 from jaxseg.evaluation import plots as P
 
@@ -358,18 +358,7 @@ def _slug(text: str) -> str:
 
 
 def _write_text(path: Path, text: str) -> Path:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=str(path.parent))
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    return path
+    return write_text_atomic(path, text)
 
 
 def _worst_cases(rows, method, structures, metric_prefix, higher, k=3) -> _Table:

@@ -45,6 +45,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxseg.fileio import atomic_path, write_text_atomic
 from jaxseg.data import store
 from jaxseg.data.datasets import CaseRecord, read_dataset
 from jaxseg.data.io import DataError, load_header, save_nifti
@@ -175,15 +176,8 @@ def _header_template(path: Any):
 
 
 def _write_npz_atomic(path: Path, **arrays) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", suffix=".npz", dir=str(path.parent))
-    os.close(fd)
-    try:
-        with open(tmp, "wb") as f:
-            np.savez_compressed(f, **arrays)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(path, suffix=".npz") as tmp, open(tmp, "wb") as f:
+        np.savez_compressed(f, **arrays)
 
 
 def _softmax_inplace(logits: np.ndarray) -> np.ndarray:
@@ -376,14 +370,7 @@ def _write_ages_csv(path: Path, preds: Sequence[Prediction]) -> None:
     for p in preds:
         if p.age is not None:
             w.writerow([p.case_id, f"{p.age:.6g}"])
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=str(path.parent))
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(buf.getvalue())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_text_atomic(path, buf.getvalue())
 
 
 def predict_folder(

@@ -20,9 +20,10 @@ Triple = tuple[int, int, int]
 kaiming_normal = nn.initializers.variance_scaling(2.0 / (1.0 + 0.01**2), "fan_in", "normal")
 
 
-# On this project's 2-core CPU, fwd+bwd of a 3x3x3 conv: im2col 2.3x faster than XLA at 32->32
-# channels (2x32^3), 1.9x at 2x64^3, but 1.4x slower at 8->8 (2x48^3); see benchmarks/model_cpu.py.
-IM2COL_MIN_CHANNELS = 16
+# benchmarks/results/model_cpu.json (2-core CPU), fwd+bwd of a 3x3x3 conv, XLA vs im2col: 0.47 vs 0.23 s at
+# 8->8 channels (2x48^3), 0.53 vs 0.41 s at 32->32 (2x32^3); the whole 64^3 U-Net step: 79 vs 22 s. Layers
+# with fewer input channels (the 1-2 channel image) were not measured and stay on XLA's.
+IM2COL_MIN_CHANNELS = 8
 # Autodiff keeps every kernel row's patch tensor (9x the input) for the weight gradient: the compact
 # DeepLesionBrain U-Net at 96^3 asked for a 40 GB buffer. Above this size per row, `auto` takes XLA's.
 IM2COL_MAX_ROW_BYTES = 2 * 2**30

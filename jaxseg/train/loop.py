@@ -33,7 +33,7 @@ from jaxseg.losses import dro as dro_math
 from jaxseg.models import build_model, model_topology
 from jaxseg.train import checkpoint as ckpt
 from jaxseg.train.optim import make_optimizer
-from jaxseg.train.step import (TrainState, init_state, jit_step, make_step, pmap_step, replicate,
+from jaxseg.train.step import (init_state, jit_step, make_step, pmap_step, replicate,
                                split_for_pmap, unreplicate)
 
 log = logging.getLogger("jaxseg.train")
@@ -182,11 +182,11 @@ def train_and_evaluate(cfg: Config, workdir: str | os.PathLike, *, max_steps: in
     # Room for rotation and scaling on the device (nnU-Net loads a larger region for the same reason).
     margin = tuple(int(math.ceil(p * 0.25)) for p in patch) if aug.needs_resampling else (0, 0, 0)
     budget = cfg.data.label_budget
-    mask_fn = None
-    if budget.enabled:
-        def mask_fn(case_id, shape):
-            return slice_mask(shape, budget.axis, budget.fraction, budget.exclude_border, seed=cfg.seed,
-                              case_id=case_id)
+    def budget_mask(case_id, shape):
+        return slice_mask(shape, budget.axis, budget.fraction, budget.exclude_border, seed=cfg.seed,
+                          case_id=case_id)
+
+    mask_fn = budget_mask if budget.enabled else None
     iterator = PatchBatchIterator(source, sampler, batch_size=cfg.data.batch_size, patch_size=patch,
                                   margin=margin, foreground_oversampling=cfg.data.foreground_oversampling,
                                   threads=cfg.data.threads, prefetch=cfg.data.prefetch, seed=cfg.seed,
