@@ -10,8 +10,12 @@ $(BIN)/activate:
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 
+# torch==2.13.0 first: on the project's CPU machines pip takes that CPU build from the local disk, and the
+# test extra's torch>=2.5 is then already met (a bare `torch` would pull a multi-GB CUDA build).
 $(VENV)/.installed: $(BIN)/activate pyproject.toml
+	$(BIN)/pip install -q "torch==2.13.0"
 	$(BIN)/pip install -q -e ".[test]"
+	$(BIN)/pip install -q --no-deps "dynamic-network-architectures==0.4.4"
 	touch $@
 
 install: $(VENV)/.installed

@@ -309,14 +309,28 @@ class TrainConfig(_Section):
     val_every: int = 50
     log_every: int = 10
     max_nonfinite: int = 10
-    finetune: Literal["none", "shallow", "medium", "deep", "full"] = "full"
-    init_from: str | None = None
+    # Neonatal transfer learning (jaxseg.train.finetune): which U-Net stages train, from the bottleneck
+    # outwards. null = ordinary training; "full" trains everything too (the same updates; kept as the
+    # default because configs/base.yaml spells it out).
+    finetune: Literal["none", "shallow", "medium", "deep", "full"] | None = "full"
+    init_from: str | None = None  # checkpoint dir or params file to start from; null = random init
 
     def _validate(self) -> None:
         for name in ("epochs", "steps_per_epoch", "checkpoint_every", "keep_checkpoints", "val_every", "log_every"):
             value = getattr(self, name)
             _check(value >= 1, name, f"must be >= 1, got {value}")
         _check(self.max_nonfinite >= 0, "max_nonfinite", f"must be >= 0, got {self.max_nonfinite}")
+        if self.init_from is not None:
+            _check(bool(self.init_from.strip()), "init_from",
+                   "must be a checkpoint dir or params file, or null (got an empty string)")
+        if self.finetune in ("none", "shallow", "medium", "deep"):
+            _check(
+                self.init_from is not None,
+                "finetune",
+                f"{self.finetune!r} freezes pre-trained stages, so it needs train.init_from (the checkpoint "
+                f"or params file to start from); use full or null to train from scratch",
+                "init_from",
+            )
 
 
 @dataclass(frozen=True)

@@ -154,6 +154,12 @@ class UNet3D(nn.Module):
     conv_bias: bool = True
     conv_impl: ConvImpl = "auto"
     dtype: Any = jnp.float32  # compute dtype; parameters stay float32
+    # Decoder details that differ between the torch U-Nets (jaxseg.interop imports both). None keeps the
+    # defaults above: decoder blocks like `block`, decoder_i convolved with topology.kernels[i] (nnU-Net).
+    # MONAI's DynUNet has plain decoder blocks even with res_block=True, and convolves decoder_i with
+    # kernels[i + 1]: decoder_block="plain", decoder_kernels=topology.kernels[1:].
+    decoder_block: Literal["plain", "residual"] | None = None
+    decoder_kernels: tuple[Triple, ...] | None = None  # one per decoder level, decoder_0 first
 
     @nn.compact
     def __call__(self, x) -> UNetOutput:
@@ -178,10 +184,15 @@ class UNet3D(nn.Module):
         n_heads = (self.num_ds_heads or n - 1) if self.deep_supervision else 1
         if not 1 <= n_heads <= n - 1:
             raise ValueError(f"num_ds_heads={self.num_ds_heads} but the network has {n - 1} decoder levels")
+        dec_kernels = topo.kernels[:n - 1] if self.decoder_kernels is None else tuple(self.decoder_kernels)
+        if len(dec_kernels) != n - 1:
+            raise ValueError(f"decoder_kernels has {len(dec_kernels)} entries but the network has {n - 1} decoder "
+                             "levels")
+        dec_kw = dict(kw, block=self.decoder_block or self.block)
         decoded = {}
         for i in range(n - 2, -1, -1):
-            x = DecoderStage(topo.features[i], topo.kernels[i], topo.strides[i + 1], self.upsample,
-                             name=f"decoder_{i}", **kw)(x, skips[i])
+            x = DecoderStage(topo.features[i], tuple(dec_kernels[i]), topo.strides[i + 1], self.upsample,
+                             name=f"decoder_{i}", **dec_kw)(x, skips[i])
             decoded[i] = x
         seg = [
             Conv3D(self.num_classes, (1, 1, 1), conv_impl=self.conv_impl, dtype=self.dtype,
