@@ -173,7 +173,7 @@ def median_spacing(records: Iterable[CaseRecord]) -> tuple[float, float, float] 
 
 def prepare_case(rec: CaseRecord, store_root: str | Path, *, labels: dict[str, int] | None,
                  channel_names: Sequence[str], target_spacing: Sequence[float] | None,
-                 source: str = "") -> dict:
+                 source: str = "", crop: bool = True) -> dict:
     """Check, preprocess and write one case; returns a short summary. Raises DataError."""
     t0 = time.perf_counter()
     label_values = None if labels is None else set(labels.values())
@@ -189,6 +189,8 @@ def prepare_case(rec: CaseRecord, store_root: str | Path, *, labels: dict[str, i
     spacing_orig = canonical_spacing(affine)
 
     mask, box = _crop_box(img_ras, lab_ras)
+    if not crop:  # registered volumes (DeepLesionBrain's MNI grid) keep their common shape
+        box = [[0, int(n)] for n in img_ras.shape[:3]]
     sl = tuple(slice(a, b) for a, b in box)
     img_c = np.ascontiguousarray(img_ras[sl], dtype=np.float32)
     mask_c = mask[sl]
@@ -256,11 +258,12 @@ def prepare_case(rec: CaseRecord, store_root: str | Path, *, labels: dict[str, i
     return {"case_id": rec.case_id, "shape": list(img_c.shape[:3]), "seconds": time.perf_counter() - t0}
 
 
-def _prepare_case_job(rec: CaseRecord, store_root: str, labels, channel_names, target_spacing, source):
+def _prepare_case_job(rec: CaseRecord, store_root: str, labels, channel_names, target_spacing, source,
+                      crop=True):
     """Process-pool entry point: returns ("ok", summary) or ("bad", message)."""
     try:
         return "ok", prepare_case(rec, store_root, labels=labels, channel_names=channel_names,
-                                  target_spacing=target_spacing, source=source)
+                                  target_spacing=target_spacing, source=source, crop=crop)
     except DataError as exc:
         return "bad", str(exc)
 
@@ -284,11 +287,11 @@ def _resolve_target(target_spacing, records) -> tuple[float, float, float] | Non
     return t
 
 
-def _settings(ds: Dataset, target) -> dict:
+def _settings(ds: Dataset, target, crop: bool = True) -> dict:
     return {
         "version": PREPROCESSING_VERSION,
         "orientation": "RAS",
-        "crop": "nonzero_bbox",
+        "crop": "nonzero_bbox" if crop else "none",
         "normalization": "zscore_nonzero",
         "target_spacing": None if target is None else [float(v) for v in target],
         "channel_names": list(ds.channel_names),
@@ -329,6 +332,7 @@ def prepare(
     executor: str = "process",
     splits: Sequence[str] | None = None,
     progress: bool = True,
+    crop: bool = True,
     **reader_kwargs,
 ) -> dict:
     """Prepare every case of a dataset (folder or manifest, see :func:`read_dataset`) into the
@@ -338,7 +342,8 @@ def prepare(
     spacing, from the headers) or 3 numbers in mm in RAS axis order. ``num_workers``: cases in
     parallel; ``<= 1`` runs in this process, otherwise a pool (``executor="process"``: spawned
     processes, the default; ``"thread"``: threads). ``splits``: only cases whose ``split`` is in
-    it (``None``: all). ``reader_kwargs`` go to :func:`read_manifest` (``channels=``, ``labels=``).
+    it (``None``: all). ``crop=False`` keeps the whole (canonical) grid instead of cropping to the
+    nonzero box, for volumes registered to a common space. ``reader_kwargs`` go to :func:`read_manifest` (``channels=``, ``labels=``).
 
     Cases already complete in the store are skipped. ``skip_bad=False``: the first bad case raises
     :class:`DataError` (cases written before stay valid). ``skip_bad=True``: bad cases are
@@ -352,7 +357,7 @@ def prepare(
     ds = read_dataset(dataset_path, strict=not skip_bad, **reader_kwargs)
     records = [r for r in ds.cases if splits is None or r.split in set(splits)]
     target = _resolve_target(target_spacing, records)
-    settings = _settings(ds, target)
+    settings = _settings(ds, target, crop)
 
     root.mkdir(parents=True, exist_ok=True)
     store.remove_stale_temp(root)
@@ -370,7 +375,7 @@ def prepare(
     todo = [r for r in records if r.case_id not in done]
     prepared: list[str] = []
     rejected: list[dict] = []
-    args = (str(root), ds.labels, list(ds.channel_names), target, str(ds.root))
+    args = (str(root), ds.labels, list(ds.channel_names), target, str(ds.root), crop)
 
     from tqdm.auto import tqdm
 

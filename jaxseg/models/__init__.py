@@ -30,7 +30,9 @@ def build_model(cfg: Config, spacing=None):
     m, d = cfg.model, cfg.data
     dtype = jnp.bfloat16 if m.compute_dtype == "bfloat16" else jnp.float32
     if m.arch == "dlb_compact":
-        return CompactUNet(num_classes=d.num_classes, dropout=m.dropout, groups=m.norm_groups,
+        # filters double per level from features_base (paper: 24-48-96-192-384); features_max does not cap them
+        features = tuple(m.features_base * 2**i for i in range(5))
+        return CompactUNet(num_classes=d.num_classes, features=features, dropout=m.dropout, groups=m.norm_groups,
                            conv_impl=m.conv_impl, dtype=dtype)
     return UNet3D(num_classes=d.num_classes, topology=model_topology(cfg, spacing), block=m.block, norm=m.norm,
                   norm_groups=m.norm_groups, act=m.activation, upsample=m.upsample,

@@ -86,6 +86,22 @@ def meta_record(cfg: Config, step: int, **extra) -> dict:
             "process_count": jax.process_count(), **extra}
 
 
+def _restore_params(directory: Path, step: int | None = None):
+    """(params, meta, step) of `step` (default: the latest) in the checkpoint directory `directory`, or
+    None when it holds no checkpoint."""
+    mgr = ocp.CheckpointManager(Path(directory).absolute(), item_names=("state", "data", "meta"),
+                                options=ocp.CheckpointManagerOptions(read_only=True))
+    try:
+        step = mgr.latest_step() if step is None else step
+        if step is None:
+            return None
+        out = mgr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(),
+                                                        meta=ocp.args.JsonRestore()))
+        return out["state"]["params"], out["meta"], int(step)
+    finally:
+        mgr.close()
+
+
 def load_params(run_dir: str | Path, which: str = "best"):
     """The parameters of a finished or running run: `best` (falls back to the last when the run had no
     validation split) or `last`. Returns (params, meta)."""
@@ -95,14 +111,35 @@ def load_params(run_dir: str | Path, which: str = "best"):
         directory = run_dir / sub
         if not directory.exists():
             continue
-        mgr = ocp.CheckpointManager(directory.absolute(), item_names=("state", "data", "meta"),
-                                    options=ocp.CheckpointManagerOptions(read_only=True))
-        step = mgr.latest_step()
-        if step is None:
-            mgr.close()
-            continue
-        out = mgr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(),
-                                                        meta=ocp.args.JsonRestore()))
-        mgr.close()
-        return out["state"]["params"], out["meta"]
+        found = _restore_params(directory)
+        if found is not None:
+            return found[0], found[1]
     raise FileNotFoundError(f"{run_dir}: no checkpoint in {' or '.join(order)}/ (has this run trained?)")
+
+
+def load_init_params(path: str | Path):
+    """The parameters `train.init_from` names: a run directory (its `best/` checkpoint, else the last
+    in `ckpt/`), a checkpoint directory (`RUN/ckpt` or `RUN/best`: its latest step) or one step's
+    directory (`RUN/ckpt/12`). Returns (params, meta, where) with `where` the step directory used.
+    A missing path or one without a checkpoint raises FileNotFoundError naming it."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"train.init_from: {path} does not exist")
+    if not path.is_dir():
+        raise FileNotFoundError(
+            f"train.init_from: {path} is a file; expected a run directory, a checkpoint directory "
+            f"(RUN/ckpt, RUN/best) or one step's directory (RUN/ckpt/12)")
+    if (path / "best").is_dir() or (path / "ckpt").is_dir():
+        candidates = [(path / sub, None) for sub in ("best", "ckpt") if (path / sub).is_dir()]
+    elif path.name.isdigit() and (path / "state").is_dir():
+        candidates = [(path.parent, int(path.name))]
+    else:
+        candidates = [(path, None)]
+    for directory, step in candidates:
+        found = _restore_params(directory, step)
+        if found is not None:
+            params, meta, step = found
+            return params, meta, directory / str(step)
+    raise FileNotFoundError(
+        f"train.init_from: no checkpoint in {path} (expected a run directory with best/ or ckpt/, a "
+        f"checkpoint directory such as RUN/ckpt, or one step's directory such as RUN/ckpt/12)")

@@ -28,10 +28,12 @@ from jaxseg.data import store
 from jaxseg.data.augment import PRESETS
 from jaxseg.data.budget import slice_mask
 from jaxseg.data.pipeline import CaseSampler, CaseSource, PatchBatchIterator
+from jaxseg.fileio import write_text_atomic
 from jaxseg.inference.sliding_window import sliding_window_logits
 from jaxseg.losses import dro as dro_math
 from jaxseg.models import build_model, model_topology
 from jaxseg.train import checkpoint as ckpt
+from jaxseg.train import finetune
 from jaxseg.train.optim import make_optimizer
 from jaxseg.train.step import (init_state, jit_step, make_step, pmap_step, replicate,
                                split_for_pmap, unreplicate)
@@ -136,12 +138,56 @@ def validate(apply_fn, store_root, case_ids, cfg: Config, patch_size) -> dict:
     return {"val_dice": float(np.nanmean(dices)) if dices else float("nan"), "val_cases": len(dices)}
 
 
+def _shape(x) -> tuple:
+    return tuple(int(v) for v in np.shape(x))
+
+
+def match_params(loaded, abstract_params, source) -> dict:
+    """`loaded` (a restored parameter tree) in the structure of the model's `abstract_params`, as host
+    arrays of the model's dtypes. A missing or extra key, or a different shape, is a TrainingError
+    naming `source`, the first differing key and (for shapes) both shapes."""
+    flat_model, treedef = jax.tree_util.tree_flatten_with_path(abstract_params)
+    flat_loaded = dict((jax.tree_util.keystr(k), v) for k, v in jax.tree_util.tree_flatten_with_path(loaded)[0])
+    model_keys = [jax.tree_util.keystr(k) for k, _ in flat_model]
+    where = f"train.init_from={source}: the checkpoint's parameters do not fit this model"
+    for key, (_, spec) in zip(model_keys, flat_model):
+        if key not in flat_loaded:
+            raise TrainingError(f"{where}: {key} (shape {_shape(spec)}) is missing from the checkpoint")
+        if _shape(flat_loaded[key]) != _shape(spec):
+            raise TrainingError(f"{where}: {key} has shape {_shape(flat_loaded[key])} in the checkpoint but "
+                                f"{_shape(spec)} in the model (check model.* against the checkpoint's config)")
+    extra = sorted(set(flat_loaded) - set(model_keys))
+    if extra:
+        raise TrainingError(f"{where}: the checkpoint has {extra[0]} (shape {_shape(flat_loaded[extra[0]])}) "
+                            f"which the model does not" + (f", and {len(extra) - 1} more" if len(extra) > 1 else ""))
+    leaves = [np.asarray(jax.device_get(flat_loaded[k])).astype(spec.dtype, copy=False)
+              for k, (_, spec) in zip(model_keys, flat_model)]
+    return jax.tree_util.tree_unflatten(treedef, leaves)
+
+
+def trainable_for(cfg: Config, abstract_params):
+    """The trainable mask of `train.finetune` (None: everything trains, for null and full)."""
+    strategy = cfg.train.finetune
+    if strategy in (None, "full"):
+        return None
+    if cfg.model.arch != "unet":
+        raise TrainingError(f"train.finetune={strategy} selects U-Net stages; model.arch={cfg.model.arch} has "
+                            f"none (use train.finetune=full or null)")
+    try:
+        return finetune.trainable_mask(abstract_params, strategy)
+    except ValueError as e:
+        raise TrainingError(f"train.finetune={strategy}: {e}") from e
+
+
 # -------------------------------------------------------------------------------------- the loop
 
 
 def train_and_evaluate(cfg: Config, workdir: str | os.PathLike, *, max_steps: int | None = None,
                        progress: bool = True) -> dict:
     """Train `cfg` in `workdir`, resuming from its last checkpoint if there is one.
+
+    Without one, the parameters come from `train.init_from` when it is set (another run's best/last
+    checkpoint; a fresh optimiser), else from random init; `train.finetune` freezes U-Net stages.
 
     `max_steps` stops early (tests, and a run killed and resumed must match one that was not: the
     schedule still follows train.epochs x train.steps_per_epoch). Returns a summary dict.
@@ -153,7 +199,8 @@ def train_and_evaluate(cfg: Config, workdir: str | os.PathLike, *, max_steps: in
     if main:
         workdir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, workdir / "config.yaml")
-        (workdir / "run.json").write_text(json.dumps(run_record(cfg), indent=2) + "\n")
+        run_info = run_record(cfg)
+        write_text_atomic(workdir / "run.json", json.dumps(run_info, indent=2) + "\n")
     total_steps = cfg.train.epochs * cfg.train.steps_per_epoch
     stop_at = total_steps if max_steps is None else min(total_steps, max_steps)
 
@@ -197,11 +244,22 @@ def train_and_evaluate(cfg: Config, workdir: str | os.PathLike, *, max_steps: in
     x_spec = jnp.zeros((1, *patch, cfg.data.num_channels), jnp.float32)
     init_key, step_key = jax.random.split(jax.random.key(cfg.seed))
     abstract_params = jax.eval_shape(lambda k: model.init(k, x_spec)["params"], init_key)
-    optimizer = make_optimizer(cfg.optim, cfg.train.epochs, cfg.train.steps_per_epoch, params=abstract_params)
+    # Transfer learning: `train.finetune` freezes U-Net stages (frozen leaves get zero updates and no
+    # optimiser state); `train.init_from` starts from another run's parameters (a fresh optimiser).
+    trainable = trainable_for(cfg, abstract_params)
+    optimizer = make_optimizer(cfg.optim, cfg.train.epochs, cfg.train.steps_per_epoch, params=abstract_params,
+                               trainable=trainable)
+    transfer: dict = {}  # for run.json, when the run fine-tunes
+    if trainable is not None or cfg.train.init_from is not None:
+        transfer["finetune"] = cfg.train.finetune
+        transfer["trainable"] = finetune.describe(trainable if trainable is not None else
+                                                  jax.tree.map(lambda _: True, abstract_params), abstract_params)
+        log.info("fine-tuning (train.finetune=%s): %s", cfg.train.finetune, transfer["trainable"])
     abstract_state = jax.eval_shape(lambda p: init_state(p, optimizer), abstract_params)
     state_sharding = jax.tree.map(lambda _: repl, abstract_state)
     make_state = jax.jit(lambda k: init_state(model.init(k, x_spec)["params"], optimizer),
                          out_shardings=state_sharding)
+    state_from = jax.jit(lambda p: init_state(p, optimizer), out_shardings=state_sharding)
 
     # --- Step -------------------------------------------------------------------------------------
     if cfg.train.parallel == "pmap":
@@ -216,15 +274,40 @@ def train_and_evaluate(cfg: Config, workdir: str | os.PathLike, *, max_steps: in
     best_mgr = ckpt.manager(workdir / "best", 1)
     best = {"val_dice": -math.inf, "step": None}
     latest = last_mgr.latest_step()
-    if latest is not None:
-        ckpt.check_compatible(ckpt.read_meta(last_mgr, latest), cfg, workdir)
-        restore_target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=repl),
-                                      abstract_state)
-        state, meta = ckpt.restore(last_mgr, latest, restore_target, iterator)
-        best = meta.get("best", best)
-        log.info("resumed from step %d", latest)
-    else:
-        state = make_state(init_key)
+    try:
+        if latest is not None:
+            # A resumed run continues from its own checkpoint; train.init_from is not read again (it is in
+            # the fingerprint, so a different one is refused here).
+            ckpt.check_compatible(ckpt.read_meta(last_mgr, latest), cfg, workdir)
+            restore_target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=repl),
+                                          abstract_state)
+            state, meta = ckpt.restore(last_mgr, latest, restore_target, iterator)
+            best = meta.get("best", best)
+            init_source = meta.get("init_source")
+            log.info("resumed from step %d", latest)
+        elif cfg.train.init_from is not None:
+            # The parameters of another run (its best checkpoint, else its last), checked against this
+            # model; the optimiser state starts fresh. Every process reads the same checkpoint.
+            loaded, src_meta, where = ckpt.load_init_params(cfg.train.init_from)
+            host_params = match_params(loaded, abstract_params, cfg.train.init_from)
+            params = jax.tree.map(lambda a: jax.make_array_from_callback(a.shape, repl, lambda i, a=a: a[i]),
+                                  host_params)
+            state = state_from(params)
+            init_source = {"path": str(Path(where).absolute()), "step": src_meta.get("step"),
+                           "fingerprint": src_meta.get("fingerprint")}
+            log.info("initialised the parameters from %s (step %s)", where, src_meta.get("step"))
+        else:
+            state = make_state(init_key)
+            init_source = None
+    except BaseException:
+        iterator.close()
+        last_mgr.close()
+        best_mgr.close()
+        raise
+    if init_source is not None:
+        transfer["init_from"] = init_source
+    if main and transfer:
+        write_text_atomic(workdir / "run.json", json.dumps({**run_info, "transfer": transfer}, indent=2) + "\n")
     if cfg.train.parallel == "pmap":
         state = replicate(jax.device_get(state), jax.local_devices())
 
@@ -233,7 +316,7 @@ def train_and_evaluate(cfg: Config, workdir: str | os.PathLike, *, max_steps: in
 
     def save(step_now: int) -> None:
         ckpt.save(last_mgr, step_now, host_state(state), iterator,
-                  ckpt.meta_record(cfg, step_now, best=best))
+                  ckpt.meta_record(cfg, step_now, best=best, init_source=init_source))
 
     # --- Loop -------------------------------------------------------------------------------------
     metric_log = MetricLog(workdir, main)
@@ -315,7 +398,8 @@ def train_and_evaluate(cfg: Config, workdir: str | os.PathLike, *, max_steps: in
                 metric_log.write(step, **val)
                 if val["val_dice"] > best["val_dice"]:
                     best = {"val_dice": val["val_dice"], "step": step}
-                    ckpt.save(best_mgr, step, host_state(state), iterator, ckpt.meta_record(cfg, step, best=best))
+                    ckpt.save(best_mgr, step, host_state(state), iterator,
+                              ckpt.meta_record(cfg, step, best=best, init_source=init_source))
     finally:
         if bar is not None:
             bar.close()

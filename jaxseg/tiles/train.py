@@ -1,0 +1,350 @@
+"""DeepLesionBrain training and prediction: `train_dlb(cfg, workdir)` and `predict_dlb(cfg, workdir, out)`.
+
+Stages (hierarchical specialisation learning, method "hsl"):
+  1. generic: one compact U-Net on sub-volumes from every tile of every training case;
+  2. ensemble: its best parameters copied into all tile networks, fine-tuned together, each on its
+     own tile and its mirror partner's, flipped.
+"independent" skips stage 1 (every network from its own random init); "generic" stops after it.
+
+Data: the prepared case store, written with ``crop=False`` so that every case keeps the common
+(MNI-registered) grid; the cases are read from tensorstore once and held in host memory (DLB's data
+sets are small: ISBI has 21 training scans). Each stage keeps the best parameters on the validation
+split (generalised Jaccard), stops a network after ``patience`` epochs without improvement and writes
+them as an Orbax checkpoint in ``workdir/<stage>/params``; ``workdir/<stage>/history.json`` holds the
+per-epoch losses.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from jaxseg.config import Config
+from jaxseg.data import store
+from jaxseg.data.augment import PRESETS
+from jaxseg.data.io import DataError, save_nifti
+from jaxseg.data.prepare import restore_geometry
+from jaxseg.fileio import write_text_atomic
+from jaxseg.models import build_model
+from jaxseg.tiles import ensemble as ens
+from jaxseg.tiles.grid import TileGrid, make_grid
+from jaxseg.tiles.predict import make_predictor
+
+Pick = tuple[int, int]  # (case index, tile index)
+
+
+# ----------------------------------------------------------------------------------------- data
+
+def split_cases(store_root, cfg: Config) -> dict[str, list[str]]:
+    """train / val / test case ids from the store: test = split "test"; the rest, restricted to
+    ``dlb.train_sites``, split into train and val (``val_fraction``, seeded)."""
+    root = Path(store_root)
+    ids = store.list_cases(root)
+    if not ids:
+        raise DataError(f"{root}: no prepared cases (run `launch prepare` with crop disabled first)")
+    metas = {c: json.loads((root / c / "meta.json").read_text()) for c in ids}
+    test = [c for c in ids if metas[c].get("split") == "test"]
+    pool = [c for c in ids if metas[c].get("split") != "test"]
+    if cfg.dlb.train_sites is not None:
+        sites = {str(s) for s in cfg.dlb.train_sites}
+        pool = [c for c in pool if str(metas[c].get("site")) in sites]
+    if len(pool) < 2:
+        raise DataError(f"{root}: {len(pool)} training cases for sites {cfg.dlb.train_sites}; need at least 2")
+    rng = np.random.default_rng(cfg.data.split_seed)
+    order = rng.permutation(len(pool))
+    n_val = max(1, int(round(cfg.dlb.val_fraction * len(pool))))
+    val = sorted(pool[i] for i in order[:n_val])
+    train = sorted(pool[i] for i in order[n_val:])
+    return {"train": train, "val": val, "test": test}
+
+
+def load_cases(store_root, case_ids: Sequence[str]) -> tuple[np.ndarray, np.ndarray, list[dict]]:
+    """Images (n, X, Y, Z, C) float32 and labels (n, X, Y, Z) uint8 of cases on one common grid."""
+    root = Path(store_root)
+    crop = store.read_dataset_meta(root).get("preprocessing", {}).get("crop")
+    if crop != "none":
+        raise DataError(f"{root}: prepared with crop {crop!r}; DeepLesionBrain needs the whole registered grid "
+                        "(prepare with crop disabled: `launch prepare ... --no-crop`)")
+    images, labels, metas, shape = [], [], [], None
+    for c in case_ids:
+        case = store.open_case(root, c)
+        if shape is not None and case.shape != shape:
+            raise DataError(f"{case.path}: shape {case.shape} differs from {shape} of {case_ids[0]}; "
+                            "DeepLesionBrain needs every volume on one registered grid")
+        shape = case.shape
+        img, lab = store.read_patch(case, (0, 0, 0), case.shape)
+        if lab is None:
+            raise DataError(f"{case.path}: no label; training cases need one")
+        images.append(img)
+        labels.append(lab)
+        metas.append(case.meta)
+    return np.stack(images), np.stack(labels), metas
+
+
+def grid_for(cfg: Config, shape) -> TileGrid:
+    d = cfg.dlb
+    return make_grid(shape, d.tile_size, d.tiles_per_axis, d.stride, d.offset)
+
+
+def network_pools(grid: TileGrid, labels: np.ndarray, lesion_only: bool) -> list[list[Pick]]:
+    """Per network: the (case, tile) sub-volumes it trains on (its own tile and its mirror's).
+
+    With ``lesion_only`` only sub-volumes with a lesion voxel (reference code); a network whose region
+    has none in any case falls back to all of its sub-volumes rather than not training.
+    """
+    pools = []
+    for k in range(grid.n_networks):
+        every = [(c, t) for c in range(len(labels)) for t, _ in grid.tiles_of(k)]
+        keep = [(c, t) for c, t in every if labels[c][grid.slices(t)].any()] if lesion_only else every
+        pools.append(keep or every)
+    return pools
+
+
+def gather(images: np.ndarray, labels: np.ndarray, grid: TileGrid, picks: Sequence[Sequence[Pick]]):
+    """(N, B) picks -> image (N, B, T..., C), label (N, B, T...) int32, mirrored tiles flipped along x."""
+    n, b = len(picks), len(picks[0])
+    img = np.empty((n, b) + grid.tile + (images.shape[-1],), np.float32)
+    lab = np.empty((n, b) + grid.tile, np.int32)
+    for i, row in enumerate(picks):
+        for j, (c, t) in enumerate(row):
+            sl = grid.slices(t)
+            x, y = images[c][sl], labels[c][sl]
+            if grid.network_of(t)[1]:
+                x, y = x[::-1], y[::-1]
+            img[i, j], lab[i, j] = x, y
+    return img, lab
+
+
+class PoolSampler:
+    """Per network, passes over its pool in a fresh seeded order; ``next()`` -> (N, B) picks."""
+
+    def __init__(self, pools: list[list[Pick]], batch: int, seed: int):
+        self.pools, self.batch = pools, batch
+        self.rngs = [np.random.default_rng([seed, k]) for k in range(len(pools))]
+        self.queues: list[list[int]] = [[] for _ in pools]
+
+    def next(self) -> list[list[Pick]]:
+        out = []
+        for k, pool in enumerate(self.pools):
+            row = []
+            for _ in range(self.batch):
+                if not self.queues[k]:
+                    self.queues[k] = self.rngs[k].permutation(len(pool)).tolist()
+                row.append(pool[self.queues[k].pop()])
+            out.append(row)
+        return out
+
+
+def val_picks(pools: list[list[Pick]], limit: int | None, seed: int) -> list[list[Pick]]:
+    """Equal-length validation lists per network (short ones repeat, which keeps their mean)."""
+    rng = np.random.default_rng(seed)
+    if limit is not None:
+        pools = [[p[i] for i in sorted(rng.choice(len(p), limit, replace=False))] if len(p) > limit else p
+                 for p in pools]
+    m = max(len(p) for p in pools)
+    return [[p[i % len(p)] for i in range(m)] for p in pools]
+
+
+# ------------------------------------------------------------------------------------- training
+
+def _eval_fn(model, smooth: float = 1.0, chunk: int = 4):
+    """One network's mean loss over its validation sub-volumes, `chunk` at a time (bounded memory)."""
+    net_eval = ens.make_net_eval(model, smooth)
+
+    def fn(params, image, label):
+        losses = jax.lax.map(lambda xy: net_eval(params, xy[0][None], xy[1][None]), (image, label),
+                             batch_size=chunk)
+        return jnp.mean(losses)
+
+    return fn
+
+
+def train_stage(name: str, model, cfg: Config, workdir: Path, images, labels, grid: TileGrid,
+                pools: list[list[Pick]], vpools: list[list[Pick]], val_images, val_labels, params, *,
+                batch: int, steps_per_epoch: int, max_epochs: int, patience: int, seed: int,
+                mesh=None, log=print) -> tuple[object, dict]:
+    """Train stacked networks (leading axis = len(pools)) with per-network early stopping.
+
+    Returns (best stacked params, history). The history has the per-epoch mean training and validation
+    loss, the number of networks still training, and seconds.
+    """
+    n = len(pools)
+    n_pad = ens.padded_size(n, mesh)
+    pad_rows = lambda rows: rows + [rows[0]] * (n_pad - n)  # noqa: E731
+    tx = optax.adam(cfg.optim.lr)
+    if cfg.optim.grad_clip is not None:
+        tx = optax.chain(optax.clip_by_global_norm(cfg.optim.grad_clip), tx)
+    aug = PRESETS[cfg.data.augment]
+    net_step = ens.make_net_step(model, tx, aug)
+    step = ens.ensemble_step(net_step, cfg.dlb.group_size, mesh)
+    evaluate = jax.jit(ens.over_networks(_eval_fn(model), cfg.dlb.group_size, mesh, 3))
+    params = ens.pad_networks(params, n_pad)
+    state = ens.shard_networks(ens.init_state(params, tx), mesh)
+    best_params = jax.tree.map(jnp.copy, state.params)
+    vimg, vlab = gather(val_images, val_labels, grid, pad_rows(vpools))
+    vimg, vlab = ens.shard_networks((jnp.asarray(vimg), jnp.asarray(vlab)), mesh)
+    sampler = PoolSampler(pad_rows(pools), batch, seed)
+    key = jax.random.PRNGKey(seed)
+    best = np.full(n_pad, np.inf)
+    bad = np.zeros(n_pad, int)
+    active = np.ones(n_pad, bool)
+    history: dict = {"stage": name, "networks": n, "epochs": []}
+    out = workdir / name
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    g = 0
+    for epoch in range(max_epochs):
+        losses = []
+        act = jnp.asarray(active)
+        for _ in range(steps_per_epoch):
+            img, lab = gather(images, labels, grid, sampler.next())
+            state, loss = step(state, img, lab, ens.step_keys(key, g, n_pad), act)
+            losses.append(loss)
+            g += 1
+        train_loss = np.asarray(jnp.stack(losses))[:, :n].mean(axis=0)
+        val = np.asarray(evaluate(state.params, vimg, vlab))
+        val = np.where(np.isfinite(val), val, np.inf)
+        improved = active & (val < best)
+        best_params = ens.select(jnp.asarray(improved), state.params, best_params)
+        best = np.where(improved, val, best)
+        bad = np.where(improved, 0, bad + 1)
+        active &= bad < patience
+        row = {"epoch": epoch + 1, "step": g, "train_loss": float(np.nanmean(train_loss)),
+               "val_loss": float(np.mean(val[:n])), "best_val_loss": float(np.mean(best[:n])),
+               "active": int(active[:n].sum()), "seconds": time.perf_counter() - t0}
+        history["epochs"].append(row)
+        log(f"[{name}] epoch {row['epoch']}: train {row['train_loss']:.4f} val {row['val_loss']:.4f} "
+            f"best {row['best_val_loss']:.4f}, {row['active']}/{n} networks training, {row['seconds']:.0f} s")
+        if not active[:n].any():
+            break
+    history["best_val_loss"] = best[:n].tolist()
+    history["seconds"] = time.perf_counter() - t0
+    history["steps"] = g
+    best_params = jax.tree.map(lambda x: np.asarray(x)[:n], best_params)
+    save_params(out / "params", best_params)
+    write_text_atomic(out / "history.json", json.dumps(history, indent=1))
+    return best_params, history
+
+
+def save_params(path: Path, params) -> None:
+    import orbax.checkpoint as ocp
+
+    path = Path(path).absolute()
+    if path.exists():
+        import shutil
+
+        shutil.rmtree(path)
+    with ocp.StandardCheckpointer() as ckpt:
+        ckpt.save(path, params)
+
+
+def load_params(path: Path):
+    import orbax.checkpoint as ocp
+
+    path = Path(path).absolute()
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no trained parameters (run `launch dlb-train` first)")
+    with ocp.StandardCheckpointer() as ckpt:
+        return ckpt.restore(path)
+
+
+def _sample_shape(grid: TileGrid, channels: int):
+    return grid.tile + (channels,)
+
+
+def train_dlb(cfg: Config, workdir, *, mesh=None, log=print) -> dict:
+    """Both stages as ``cfg.dlb.method`` says; returns a summary (also written to workdir/train.json)."""
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    d = cfg.dlb
+    split = split_cases(cfg.data.store, cfg)
+    images, labels, _ = load_cases(cfg.data.store, split["train"])
+    vimages, vlabels, _ = load_cases(cfg.data.store, split["val"])
+    grid = grid_for(cfg, images.shape[1:4])
+    model = build_model(cfg)
+    pools = network_pools(grid, labels, d.lesion_only)
+    vpools = network_pools(grid, vlabels, lesion_only=False)
+    summary: dict = {"method": d.method, "split": split, "grid": {"shape": grid.shape, "tile": grid.tile,
+                                                                   "starts": grid.starts},
+                     "augment": cfg.data.augment}
+    log(f"DLB {d.method}: {len(split['train'])} training / {len(split['val'])} validation cases, "
+        f"{grid.n_tiles} tiles of {grid.tile} on {grid.shape}, {grid.n_networks} networks, augment {cfg.data.augment}")
+    key = jax.random.PRNGKey(cfg.seed)
+    if d.method in ("hsl", "generic"):
+        gpool = [sorted({p for pool in pools for p in pool})]
+        gval = val_picks([sorted({p for pool in vpools for p in pool})], d.val_max_subvolumes, cfg.seed)
+        steps = d.generic_steps_per_epoch or max(1, math.ceil(len(gpool[0]) / d.generic_batch_size))
+        init = ens.init_stacked(model, key, 1, _sample_shape(grid, images.shape[-1]))
+        generic, hist = train_stage("generic", model, cfg, workdir, images, labels, grid, gpool, gval, vimages,
+                                    vlabels, init, batch=d.generic_batch_size, steps_per_epoch=steps,
+                                    max_epochs=d.generic_max_epochs, patience=d.generic_patience, seed=cfg.seed,
+                                    mesh=None, log=log)
+        summary["generic"] = {k: hist[k] for k in ("seconds", "steps", "best_val_loss")}
+        summary["generic"]["epochs"] = len(hist["epochs"])
+    if d.method != "generic":
+        if d.method == "hsl":
+            init = ens.broadcast(ens.unstack(generic, 0), grid.n_networks)
+        else:
+            init = ens.init_stacked(model, jax.random.fold_in(key, 1), grid.n_networks,
+                                    _sample_shape(grid, images.shape[-1]))
+        steps = d.steps_per_epoch or max(1, math.ceil(max(len(p) for p in pools) / d.batch_size))
+        _, hist = train_stage("ensemble", model, cfg, workdir, images, labels, grid, pools,
+                              val_picks(vpools, None, cfg.seed), vimages, vlabels, init, batch=d.batch_size,
+                              steps_per_epoch=steps, max_epochs=d.max_epochs, patience=d.patience,
+                              seed=cfg.seed + 1, mesh=mesh, log=log)
+        summary["ensemble"] = {k: hist[k] for k in ("seconds", "steps")}
+        summary["ensemble"]["epochs"] = len(hist["epochs"])
+        summary["ensemble"]["mean_best_val_loss"] = float(np.mean(hist["best_val_loss"]))
+    write_text_atomic(workdir / "train.json", json.dumps(summary, indent=1, default=str))
+    return summary
+
+
+# ------------------------------------------------------------------------------------ prediction
+
+def predictor_for(cfg: Config, workdir, shape, *, mesh=None):
+    """(predict(volume) -> (labels, scores), grid) from the parameters a `train_dlb` run left in workdir."""
+    workdir = Path(workdir)
+    grid = grid_for(cfg, shape)
+    model = build_model(cfg)
+    if cfg.dlb.method == "generic":
+        params = ens.unstack(load_params(workdir / "generic" / "params"), 0)
+        fn = make_predictor(model, grid, fusion=cfg.dlb.fusion, stacked=False, group_size=cfg.dlb.group_size)
+    else:
+        params = load_params(workdir / "ensemble" / "params")
+        n_pad = ens.padded_size(grid.n_networks, mesh)
+        params = ens.shard_networks(ens.pad_networks(params, n_pad), mesh)
+        fn = make_predictor(model, grid, fusion=cfg.dlb.fusion, group_size=cfg.dlb.group_size, mesh=mesh)
+    return (lambda volume: fn(params, volume)), grid
+
+
+def predict_dlb(cfg: Config, workdir, out_dir, case_ids: Sequence[str] | None = None, *, log=print) -> list[dict]:
+    """Segment store cases (default: the test split) and write NIfTI label maps in each input's geometry."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    root = Path(cfg.data.store)
+    if case_ids is None:
+        case_ids = split_cases(root, cfg)["test"]
+    results, predict = [], None
+    for c in case_ids:
+        case = store.open_case(root, c)
+        img, _ = store.read_patch(case, (0, 0, 0), case.shape)
+        if predict is None:
+            predict, _ = predictor_for(cfg, workdir, case.shape)
+        t0 = time.perf_counter()
+        seg, _ = predict(jnp.asarray(img))
+        seg = np.asarray(seg).astype(np.uint8)
+        seconds = time.perf_counter() - t0
+        full = restore_geometry(seg, case.meta)
+        path = out_dir / f"{c}.nii.gz"
+        save_nifti(path, full, np.asarray(case.meta["original_affine"], np.float64))
+        results.append({"case": c, "path": str(path), "seconds": seconds, "site": case.meta.get("site")})
+        log(f"predicted {c} in {seconds:.1f} s -> {path}")
+    return results

@@ -1,0 +1,111 @@
+"""DeepLesionBrain training and prediction drivers: pools, sub-volume gathering, the uncropped store,
+and a one-step train -> predict run on a tiny synthetic MS cohort."""
+
+import json
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from jaxseg.config import load_config
+from jaxseg.data.io import DataError
+from jaxseg.data.prepare import prepare
+from jaxseg.data.synth import write_cohort
+from jaxseg.tiles.grid import make_grid
+from jaxseg.tiles.train import (PoolSampler, gather, load_cases, network_pools, predict_dlb, split_cases,
+                                train_dlb)
+
+
+def test_pools_hold_own_and_mirror_tiles_and_lesion_only_filters():
+    g = make_grid((12, 8, 8), 8, 3)  # x starts (0, 2, 4); 27 tiles, 18 networks
+    labels = np.zeros((2, 12, 8, 8), np.uint8)
+    labels[1, 11, 0, 0] = 1  # only in tiles with ix = 2 (x 4..11), case 1
+    every = network_pools(g, labels, lesion_only=False)
+    for k in range(g.n_networks):
+        tiles = {t for t, _ in g.tiles_of(k)}
+        assert {t for _, t in every[k]} == tiles and len(every[k]) == 2 * len(tiles)
+    lesion = network_pools(g, labels, lesion_only=True)
+    k = g.network_of(g.index(2, 0, 0))[0]
+    assert lesion[k] == [(1, g.index(2, 0, 0))]
+    # a region with no lesion anywhere falls back to all of its sub-volumes
+    assert lesion[g.index(1, 0, 0)] == every[g.index(1, 0, 0)]
+
+
+def test_gather_flips_mirrored_tiles():
+    g = make_grid((12, 8, 8), 8, 3)
+    rng = np.random.default_rng(0)
+    images = rng.normal(size=(2, 12, 8, 8, 2)).astype(np.float32)
+    labels = (rng.random((2, 12, 8, 8)) < 0.3).astype(np.uint8)
+    t_own, t_mirror = g.index(0, 1, 2), g.index(2, 1, 2)
+    img, lab = gather(images, labels, g, [[(0, t_own), (1, t_mirror)]])
+    np.testing.assert_array_equal(img[0, 0], images[0, 0:8, 0:8, 0:8])
+    np.testing.assert_array_equal(img[0, 1], images[1, 4:12, 0:8, 0:8][::-1])
+    np.testing.assert_array_equal(lab[0, 1], labels[1, 4:12, 0:8, 0:8][::-1])
+
+
+def test_pool_sampler_is_deterministic_and_covers_each_pool():
+    pools = [[(0, 1), (0, 2), (1, 1)], [(2, 5)]]
+    a = [PoolSampler(pools, 1, seed=3).next() for _ in range(1)]
+    s1, s2 = PoolSampler(pools, 1, seed=3), PoolSampler(pools, 1, seed=3)
+    draws1 = [s1.next() for _ in range(6)]
+    assert draws1 == [s2.next() for _ in range(6)] and draws1[0] == a[0]
+    first_pass = [d[0][0] for d in draws1[:3]]
+    assert sorted(first_pass) == sorted(pools[0])  # a whole pass before any repeat
+    assert all(d[1] == [(2, 5)] for d in draws1)
+
+
+@pytest.fixture(scope="module")
+def cohort(tmp_path_factory):
+    root = tmp_path_factory.mktemp("dlb")
+    ds = root / "raw"
+    write_cohort(ds, 6, seed=1, spacing=8.0, flavour="lesion", strata={"control": 1.0}, sites=2, n_test=2,
+                 progress=False)
+    prepare(ds, root / "store", crop=False, progress=False, num_workers=1)
+    prepare(ds, root / "store_cropped", progress=False, num_workers=1)
+    return root
+
+
+def tiny_cfg(root, *extra):
+    return load_config("configs/dlb_ablation_synth.yaml", [
+        f"data.dataset={root / 'raw'}", f"data.store={root / 'store'}", "model.features_base=4",
+        "model.norm_groups=2", "model.conv_impl=xla", "dlb.tile_size=16", "dlb.tiles_per_axis=3",
+        "dlb.generic_steps_per_epoch=1", "dlb.generic_max_epochs=2", "dlb.steps_per_epoch=1", "dlb.max_epochs=1",
+        "dlb.generic_batch_size=2", "dlb.train_sites=null", "dlb.group_size=9", *extra])
+
+
+def test_uncropped_store_keeps_the_grid_and_cropped_store_is_refused(cohort):
+    meta = json.loads((cohort / "store" / "dataset.json").read_text())
+    assert meta["preprocessing"]["crop"] == "none"
+    cfg = tiny_cfg(cohort)
+    split = split_cases(cfg.data.store, cfg)
+    images, labels, metas = load_cases(cfg.data.store, split["train"])
+    assert images.shape[1:4] == tuple(metas[0]["original_shape"][:3])
+    with pytest.raises(DataError, match="store_cropped.*crop"):
+        load_cases(cohort / "store_cropped", split["train"])
+
+
+def test_train_then_predict_writes_nifti_in_input_geometry(cohort, tmp_path):
+    cfg = tiny_cfg(cohort)
+    summary = train_dlb(cfg, tmp_path / "run", log=lambda *_: None)
+    assert summary["generic"]["epochs"] == 2 and summary["ensemble"]["epochs"] == 1
+    assert (tmp_path / "run" / "ensemble" / "params").is_dir()
+    hist = json.loads((tmp_path / "run" / "ensemble" / "history.json").read_text())
+    assert hist["networks"] == 18 and len(hist["best_val_loss"]) == 18
+    preds = predict_dlb(cfg, tmp_path / "run", tmp_path / "pred", log=lambda *_: None)
+    test = split_cases(cfg.data.store, cfg)["test"]
+    assert [p["case"] for p in preds] == test
+    for p in preds:
+        out = nib.load(p["path"])
+        src = nib.load(cohort / "raw" / "imagesTs" / f"{p['case']}_0000.nii.gz")
+        assert out.shape == src.shape
+        np.testing.assert_allclose(out.affine, src.affine)
+        assert set(np.unique(np.asarray(out.dataobj))) <= {0, 1}
+    # the generic network alone predicts from the same run
+    generic = predict_dlb(tiny_cfg(cohort, "dlb.method=generic"), tmp_path / "run", tmp_path / "pred_g",
+                          log=lambda *_: None)
+    assert len(generic) == len(test)
+
+
+def test_predict_without_training_names_the_missing_run(cohort, tmp_path):
+    with pytest.raises(FileNotFoundError, match="dlb-train"):
+        predict_dlb(tiny_cfg(cohort), tmp_path / "nothing", tmp_path / "pred", log=lambda *_: None)
