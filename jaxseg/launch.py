@@ -1,6 +1,7 @@
 """`python -m jaxseg.launch COMMAND ...`: parses the command line, then calls library code.
 
-Commands: synth, prepare, train, predict, evaluate, demo. Each has --help.
+Commands: synth, prepare, train, predict, evaluate, demo; DeepLesionBrain: dlb-train, dlb-predict,
+dlb-ablation; import-torch (PyTorch DynUNet / nnU-Net weights -> a run directory). Each has --help.
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ def cmd_prepare(args) -> None:
     if spacing not in (None, "median"):
         spacing = tuple(float(v) for v in spacing.split(","))
     report = prepare(args.dataset or cfg.data.dataset, args.store or cfg.data.store, target_spacing=spacing,
-                     num_workers=args.workers, skip_bad=args.skip_bad)
+                     num_workers=args.workers, skip_bad=args.skip_bad, crop=not args.no_crop)
     print(f"prepared {len(report['prepared'])} cases, {len(report['skipped_existing'])} already done, "
           f"{len(report['rejected'])} rejected -> {report['store_root']}")
 
@@ -89,6 +90,41 @@ def cmd_demo(args) -> None:
     print(f"demo finished: report at {out['markdown']} and {out['html']}")
 
 
+def cmd_dlb_train(args) -> None:
+    from jaxseg.tiles.train import train_dlb
+
+    out = train_dlb(_config(args), args.workdir)
+    print(f"trained DeepLesionBrain ({out['method']}) into {args.workdir}")
+
+
+def cmd_dlb_predict(args) -> None:
+    from jaxseg.tiles.train import predict_dlb
+
+    preds = predict_dlb(_config(args), args.workdir, args.output, args.case or None)
+    print(f"wrote {len(preds)} predictions to {args.output}")
+
+
+def cmd_dlb_ablation(args) -> None:
+    from jaxseg.tiles.ablation import run_ablation
+
+    out = run_ablation(_config(args), args.workdir)
+    print(f"ablation table at {Path(args.workdir) / 'table.md'} ({out['timings']['total_s']:.0f} s)")
+
+
+def cmd_import_torch(args) -> None:
+    from jaxseg.interop.torch_run import import_torch_run
+
+    rec = import_torch_run(args.checkpoint, args.kind, args.out, arch=args.arch, plans=args.plans,
+                           configuration=args.configuration, patch_size=args.patch_size, spacing=args.spacing,
+                           verify=not args.no_verify)
+    d = rec["verification"]["max_abs_logit_diff"]
+    check = f"max |logit - torch| {d:.2g}" if d is not None else rec["verification"]["note"]
+    patch = "x".join(map(str, rec["patch_size"]))
+    print(f"imported {rec['kind']} {args.checkpoint} into {args.out} ({check}; patch {patch} from "
+          f"{rec['patch_size_from']}); predict with: python -m jaxseg.launch predict --run {args.out} "
+          f"--input ... --output ...")
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m jaxseg.launch", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -112,6 +148,8 @@ def parser() -> argparse.ArgumentParser:
     sp.add_argument("--spacing", help="resample to 'median' or 'x,y,z' mm (default: keep the spacing)")
     sp.add_argument("--workers", type=int, default=2)
     sp.add_argument("--skip-bad", action="store_true", help="skip bad cases, listing them in rejected.json")
+    sp.add_argument("--no-crop", action="store_true",
+                    help="keep the whole grid (registered volumes, DeepLesionBrain) instead of cropping")
 
     sp = add("train", cmd_train, "train (ERM or DRO) from a prepared store; resumes from --workdir")
     sp.add_argument("--workdir", required=True, help="run directory (config, checkpoints, logs)")
@@ -134,6 +172,34 @@ def parser() -> argparse.ArgumentParser:
     sp.add_argument("--out", required=True, help="folder for metrics.csv, report.md, report.html, plots/")
     sp.add_argument("--title", default="Segmentation evaluation")
 
+    sp = add("dlb-train", cmd_dlb_train, "DeepLesionBrain: train the generic network and/or the tile ensemble "
+             "(config section `dlb`) from a store prepared with --no-crop")
+    sp.add_argument("--workdir", required=True)
+    sp = add("dlb-predict", cmd_dlb_predict, "DeepLesionBrain: segment store cases (default: the test split) "
+             "into NIfTI files in each input's geometry")
+    sp.add_argument("--workdir", required=True, help="the dlb-train run")
+    sp.add_argument("--output", required=True)
+    sp.add_argument("--case", action="append", help="case id; repeatable (default: the test split)")
+    sp = add("dlb-ablation", cmd_dlb_ablation, "DeepLesionBrain's ablation (paper Tables 2/3) on the synthetic "
+             "MS cohort, cross-site")
+    sp.add_argument("--workdir", default="runs/dlb_ablation")
+
+    sp = add("import-torch", cmd_import_torch, "convert a PyTorch checkpoint (MONAI DynUNet or nnU-Net v2 "
+             "PlainConvUNet) into a run directory for `predict --run`", config=False)
+    sp.add_argument("checkpoint", metavar="CHECKPOINT", help=".pt/.pth file: a state_dict, nnU-Net's "
+                    "checkpoint_final.pth, or a dict holding a state_dict")
+    sp.add_argument("--kind", required=True, choices=("dynunet", "nnunet"),
+                    help="dynunet: MONAI DynUNet (needs --arch); nnunet: nnU-Net v2 PlainConvUNet (needs --plans)")
+    sp.add_argument("--out", required=True, metavar="RUN_DIR", help="the new run directory (must not exist)")
+    sp.add_argument("--arch", metavar="ARCH.json",
+                    help="dynunet: JSON object of DynUNet's constructor arguments (may add patch_size)")
+    sp.add_argument("--plans", metavar="PLANS.json", help="nnunet: the nnU-Net v2 plans.json")
+    sp.add_argument("--configuration", default="3d_fullres", metavar="NAME", help="nnunet: the plans configuration")
+    sp.add_argument("--patch-size", metavar="X,Y,Z", help="sliding-window patch (default: the plans' or --arch's "
+                    "patch_size, else the total stride)")
+    sp.add_argument("--spacing", metavar="X,Y,Z", help="mm: predict resamples inputs to it (default: no resampling)")
+    sp.add_argument("--no-verify", action="store_true", help="skip the comparison with the torch model")
+
     sp = add("demo", cmd_demo, "synth -> prepare -> train ERM and DRO -> predict -> evaluate -> report")
     sp.add_argument("--workdir", default="runs/demo")
     return p
@@ -149,12 +215,13 @@ def main(argv=None) -> int:
         args.config = str(Path(__file__).resolve().parent.parent / "configs" / "demo.yaml")
     from jaxseg.config import ConfigError
     from jaxseg.data.io import DataError
+    from jaxseg.interop.torch_run import ImportRunError
     from jaxseg.train.checkpoint import IncompatibleResume
     from jaxseg.train.loop import TrainingError
 
     try:
         args.fn(args)
-    except (ConfigError, DataError, IncompatibleResume, TrainingError, FileNotFoundError) as e:
+    except (ConfigError, DataError, ImportRunError, IncompatibleResume, TrainingError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     return 0
