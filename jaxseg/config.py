@@ -386,8 +386,11 @@ class SynthConfig(_Section):
     sites: int = 3
     p_ventriculomegaly: float = 0.1
     p_cerebellar_hypoplasia: float = 0.1
+    lesion_radius_mm: tuple[float, float] = (1.0, 5.0)  # lesion flavour: log-uniform equivalent radius
 
     def _validate(self) -> None:
+        _check(0 < self.lesion_radius_mm[0] <= self.lesion_radius_mm[1], "lesion_radius_mm",
+               f"must be [low, high] with 0 < low <= high, got {list(self.lesion_radius_mm)}")
         _check(self.n_subjects >= 1, "n_subjects", f"must be >= 1, got {self.n_subjects}")
         if self.n_test is not None:
             _check(0 <= self.n_test < self.n_subjects, "n_test", f"must be in [0, n_subjects), got {self.n_test}",

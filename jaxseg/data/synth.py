@@ -489,7 +489,7 @@ def _skull_strip(img: np.ndarray, mask: np.ndarray) -> np.ndarray:
     return img
 
 
-def _rasterise_lesions(rng, label, spacing, n_lesions):
+def _rasterise_lesions(rng, label, spacing, n_lesions, radius_mm=(1.0, 5.0)):
     """MS-like lesions inside WM. Returns (mask uint8, per-lesion id int16 map, n drawn)."""
     shape = label.shape
     wm = label == WM
@@ -519,7 +519,7 @@ def _rasterise_lesions(rng, label, spacing, n_lesions):
         if len(pool) == 0:
             pool = np.argwhere(wmb)
         c = pool[rng.integers(len(pool))]
-        r = float(np.exp(rng.uniform(np.log(1.0), np.log(5.0))))  # equivalent radius, mm
+        r = float(np.exp(rng.uniform(np.log(radius_mm[0]), np.log(radius_mm[1]))))  # equivalent radius, mm
         aspect = float(rng.uniform(1.0, 1.8))
         radii = np.array([r * aspect, r / np.sqrt(aspect), r / np.sqrt(aspect)])
         if kind == "periventricular":  # long axis across the ventricle wall (Dawson's fingers)
@@ -559,7 +559,8 @@ def _rasterise_lesions(rng, label, spacing, n_lesions):
 def make_subject(rng_or_seed, template: Template, *, stratum: str = "control", age: float = 40.0,
                  site: int | Site = 0, spacing: float = 2.0, lesions: bool = False,
                  channels: Sequence[str] | None = None, age_unit: str = "weeks",
-                 site_seed: int = 0, skull_strip: bool = True) -> dict[str, Any]:
+                 site_seed: int = 0, skull_strip: bool = True,
+                 lesion_radius_mm: tuple[float, float] = (1.0, 5.0)) -> dict[str, Any]:
     """Draw one synthetic subject on the :func:`output_grid` at ``spacing`` mm.
 
     ``rng_or_seed``: a ``np.random.Generator``, a ``SeedSequence``, an int or a sequence of ints
@@ -638,7 +639,7 @@ def make_subject(rng_or_seed, template: Template, *, stratum: str = "control", a
     n_les = 0
     if lesions:
         lesion, lesion_id, n_les = _rasterise_lesions(r_les, label, spacing,
-                                                     int(r_les.integers(3, 31)))
+                                                     int(r_les.integers(3, 31)), lesion_radius_mm)
 
     # ---------------- appearance
     images = {}
@@ -794,7 +795,8 @@ def _subject_job(args: dict) -> dict:
     subj = make_subject(rng, template, stratum=args["stratum"], age=args["age"],
                         site=args["site"], spacing=args["spacing"], lesions=args["lesions"],
                         channels=args["channels"], age_unit=args["age_unit"],
-                        skull_strip=args.get("skull_strip", True))
+                        skull_strip=args.get("skull_strip", True),
+                        lesion_radius_mm=args.get("lesion_radius_mm", (1.0, 5.0)))
     out, tmp = Path(args["out_dir"]), Path(args["tmp_dir"])
     img_dir = out / ("imagesTs" if args["split"] == "test" else "imagesTr")
     lab_dir = out / ("labelsTs" if args["split"] == "test" else "labelsTr")
@@ -824,7 +826,8 @@ def write_cohort(out_dir: str | Path, n_subjects: int, *, seed: int = 0, spacing
                  n_test: int | None = None, channels: Sequence[str] | None = None,
                  workers: int = 2, progress: bool = True, preview: bool = True,
                  overwrite: bool = False, template: Template | None = None,
-                 name: str | None = None, skull_strip: bool = True) -> dict[str, Any]:
+                 name: str | None = None, skull_strip: bool = True,
+                 lesion_radius_mm: tuple[float, float] = (1.0, 5.0)) -> dict[str, Any]:
     """Write a synthetic cohort as an nnU-Net v2 raw dataset in ``out_dir``.
 
     * ``flavour="tissue"``: labels = :data:`LABELS` (8 classes); channels ``("T1",)`` by default,
@@ -891,6 +894,9 @@ def write_cohort(out_dir: str | Path, n_subjects: int, *, seed: int = 0, spacing
     if n_test is None:
         n_test = int(round(0.2 * n_subjects)) if n_subjects >= 5 else 0
     n_test = int(n_test)
+    lo, hi = (float(v) for v in lesion_radius_mm)
+    if not 0 < lo <= hi:
+        raise ValueError(f"lesion_radius_mm must be (low, high) with 0 < low <= high, got {lesion_radius_mm}")
     if not 0 <= n_test < n_subjects:
         raise ValueError(f"n_test must be in [0, n_subjects), got {n_test}")
 
@@ -939,6 +945,7 @@ def write_cohort(out_dir: str | Path, n_subjects: int, *, seed: int = 0, spacing
             "seed": int(seed), "index": i, "case": f"synth_{i + 1:04d}",
             "stratum": names[stratum_of[i]], "age": float(ages[i]), "age_unit": age_unit,
             "site": site_objs[site_of[i]], "spacing": float(spacing), "lesions": lesions,
+            "lesion_radius_mm": tuple(float(v) for v in lesion_radius_mm),
             "channels": channels, "split": "test" if is_test[i] else "train",
             "skull_strip": bool(skull_strip),
             "out_dir": str(out), "tmp_dir": str(tmp_dir), "template": None,

@@ -60,12 +60,14 @@ def init_state(params, optimizer) -> EnsembleState:
     return EnsembleState(params, jax.vmap(optimizer.init)(params), jnp.zeros((), jnp.int32))
 
 
-def make_net_step(model, optimizer, aug: AugmentParams, smooth: float = 1.0) -> Callable:
+def make_net_step(model, optimizer, aug: AugmentParams, smooth: float = 1.0, loss=None) -> Callable:
     """One network, one step: ``(params, opt_state, image, label, key, active) -> (params, opt_state, loss)``.
 
     image (B, X, Y, Z, C), label (B, X, Y, Z). Generalised Jaccard loss averaged over the batch. The update
-    is applied only when ``active`` and the loss and gradient are finite.
+    is applied only when ``active`` and the loss and gradient are finite. ``loss``: a per-sample loss
+    ``(logits, labels) -> (B,)`` other than generalised Jaccard.
     """
+    per_sample = loss or (lambda logits, labels: generalised_jaccard(logits, labels, smooth=smooth))
 
     def net_step(params, opt_state, image, label, key, active):
         k_aug, k_drop = jax.random.split(key)
@@ -76,7 +78,7 @@ def make_net_step(model, optimizer, aug: AugmentParams, smooth: float = 1.0) -> 
 
         def loss_fn(p):
             logits = model.apply({"params": p}, image, train=True, rngs={"dropout": k_drop})
-            return jnp.mean(generalised_jaccard(logits, label, smooth=smooth))
+            return jnp.mean(per_sample(logits, label))
 
         loss, grads = jax.value_and_grad(loss_fn)(params)
         ok = active & jnp.isfinite(loss) & jnp.isfinite(optax.tree.norm(grads))
@@ -88,12 +90,13 @@ def make_net_step(model, optimizer, aug: AugmentParams, smooth: float = 1.0) -> 
     return net_step
 
 
-def make_net_eval(model, smooth: float = 1.0) -> Callable:
+def make_net_eval(model, smooth: float = 1.0, loss=None) -> Callable:
     """One network's validation loss over its sub-volumes: ``(params, image, label) -> loss``."""
+    per_sample = loss or (lambda logits, labels: generalised_jaccard(logits, labels, smooth=smooth))
 
     def net_eval(params, image, label):
         logits = model.apply({"params": params}, image, train=False)
-        return jnp.mean(generalised_jaccard(logits, label, smooth=smooth))
+        return jnp.mean(per_sample(logits, label))
 
     return net_eval
 

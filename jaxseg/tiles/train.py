@@ -1,6 +1,8 @@
 """DeepLesionBrain training and prediction: `train_dlb(cfg, workdir)` and `predict_dlb(cfg, workdir, out)`.
 
 Stages (hierarchical specialisation learning, method "hsl"):
+Loss: ``loss.kind`` (the paper's generalised Jaccard is ``gen_jaccard``).
+
   1. generic: one compact U-Net on sub-volumes from every tile of every training case;
   2. ensemble: its best parameters copied into all tile networks, fine-tuned together, each on its
      own tile and its mirror partner's, flipped.
@@ -37,6 +39,7 @@ from jaxseg.models import build_model
 from jaxseg.tiles import ensemble as ens
 from jaxseg.tiles.grid import TileGrid, make_grid
 from jaxseg.tiles.predict import make_predictor
+from jaxseg.train.step import segmentation_loss_fn
 
 Pick = tuple[int, int]  # (case index, tile index)
 
@@ -155,9 +158,9 @@ def val_picks(pools: list[list[Pick]], limit: int | None, seed: int) -> list[lis
 
 # ------------------------------------------------------------------------------------- training
 
-def _eval_fn(model, smooth: float = 1.0, chunk: int = 4):
+def _eval_fn(model, loss, chunk: int = 4):
     """One network's mean loss over its validation sub-volumes, `chunk` at a time (bounded memory)."""
-    net_eval = ens.make_net_eval(model, smooth)
+    net_eval = ens.make_net_eval(model, loss=loss)
 
     def fn(params, image, label):
         losses = jax.lax.map(lambda xy: net_eval(params, xy[0][None], xy[1][None]), (image, label),
@@ -183,9 +186,10 @@ def train_stage(name: str, model, cfg: Config, workdir: Path, images, labels, gr
     if cfg.optim.grad_clip is not None:
         tx = optax.chain(optax.clip_by_global_norm(cfg.optim.grad_clip), tx)
     aug = PRESETS[cfg.data.augment]
-    net_step = ens.make_net_step(model, tx, aug)
+    loss = segmentation_loss_fn(cfg)  # the paper's: loss.kind gen_jaccard
+    net_step = ens.make_net_step(model, tx, aug, loss=loss)
     step = ens.ensemble_step(net_step, cfg.dlb.group_size, mesh)
-    evaluate = jax.jit(ens.over_networks(_eval_fn(model), cfg.dlb.group_size, mesh, 3))
+    evaluate = jax.jit(ens.over_networks(_eval_fn(model, loss), cfg.dlb.group_size, mesh, 3))
     params = ens.pad_networks(params, n_pad)
     state = ens.shard_networks(ens.init_state(params, tx), mesh)
     best_params = jax.tree.map(jnp.copy, state.params)
