@@ -6,7 +6,8 @@ and the training step per tile group.
 
 `--paper`: one 181x217x181 volume, 125 tiles of 96^3 (reference grid), 75 compact U-Nets of 24-...-384
 filters, 2 channels (the paper needed 38 s per volume on a Titan Xp, networks loaded one by one).
-Default (CPU-sized): the same 5x5x5 grid on a 2 mm volume (91x109x91), 48^3 tiles, 8-...-128 filters.
+Default (CPU-sized, the setting of configs/dlb_ablation_synth.yaml): the same 5x5x5 grid on a 3 mm volume
+(57x70x56), 24^3 tiles, 4-...-64 filters.
 The training step is timed for the whole ensemble with each group size (networks vmapped together).
 """
 
@@ -38,7 +39,7 @@ def main() -> None:
     ap.add_argument("--paper", action="store_true", help="the paper's sizes (needs a GPU)")
     ap.add_argument("--groups", default="5,25,75", help="group sizes for inference and the train step")
     ap.add_argument("--repeats", type=int, default=2)
-    ap.add_argument("--conv-impl", default="auto")
+    ap.add_argument("--conv-impl", default="auto", help="auto | xla | im2col (the CPU ablation uses im2col)")
     ap.add_argument("--skip-loop", action="store_true")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
@@ -46,7 +47,7 @@ def main() -> None:
     if args.paper:
         grid, base = reference_grid(), 24
     else:
-        grid, base = make_grid((91, 109, 91), 48, 5), 8
+        grid, base = make_grid((57, 70, 56), 24, 5), 4
     model = CompactUNet(num_classes=2, features=tuple(base * 2**i for i in range(5)), conv_impl=args.conv_impl)
     params = ens.init_stacked(model, jax.random.PRNGKey(0), grid.n_networks, grid.tile + (2,))
     vol = jax.random.normal(jax.random.PRNGKey(1), grid.shape + (2,))

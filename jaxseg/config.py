@@ -179,6 +179,7 @@ class DataConfig(_Section):
     prefetch: int = 2
     augment: Literal["nnunet", "neonatal", "dlb_iqda", "none"] = "nnunet"
     label_budget: LabelBudgetConfig = field(default_factory=LabelBudgetConfig)
+    max_train_cases: int | None = None
 
     def _validate(self) -> None:
         _check(self.num_channels >= 1, "num_channels", f"must be >= 1, got {self.num_channels}")
@@ -202,6 +203,9 @@ class DataConfig(_Section):
             )
         _check(self.threads >= 1, "threads", f"must be >= 1, got {self.threads}")
         _check(self.prefetch >= 0, "prefetch", f"must be >= 0, got {self.prefetch}")
+        if self.max_train_cases is not None:
+            _check(self.max_train_cases >= 1, "max_train_cases",
+                   f"must be >= 1 or null (all), got {self.max_train_cases}")
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,8 @@
 """`python -m jaxseg.launch COMMAND ...`: parses the command line, then calls library code.
 
-Commands: synth, prepare, train, predict, evaluate, demo; DeepLesionBrain: dlb-train, dlb-predict,
-dlb-ablation; import-torch (PyTorch DynUNet / nnU-Net weights -> a run directory). Each has --help.
+Commands: synth, prepare, train, predict, evaluate, demo; budget-study (neonatal label budgeting);
+DeepLesionBrain: dlb-train, dlb-predict, dlb-ablation; import-torch (PyTorch DynUNet / nnU-Net
+weights -> a run directory). Each has --help.
 """
 
 from __future__ import annotations
@@ -89,6 +90,13 @@ def cmd_demo(args) -> None:
 
     out = run_demo(_config(args), args.workdir)
     print(f"demo finished: report at {out['markdown']} and {out['html']}")
+
+
+def cmd_budget_study(args) -> None:
+    from jaxseg.studies.label_budget import run_label_budget
+
+    out = run_label_budget(_config(args), args.workdir)
+    print(f"label-budget table at {out['markdown']} ({out['timings']['total_s']:.0f} s)")
 
 
 def cmd_dlb_train(args) -> None:
@@ -203,6 +211,11 @@ def parser() -> argparse.ArgumentParser:
 
     sp = add("demo", cmd_demo, "synth -> prepare -> train ERM and DRO -> predict -> evaluate -> report")
     sp.add_argument("--workdir", default="runs/demo")
+    sp = add("budget-study", cmd_budget_study, "neonatal label budgeting (Richter & Fetit Table 3) on the synthetic "
+             "tissue cohort: 'full' (a third of the subjects fully labelled) vs a third of the slices of every "
+             "subject (random, sagittal, coronal, axial) at equal slice budget and steps")
+    sp.add_argument("--workdir", default="runs/budget_study",
+                    help="study folder: cohort, store, one run per setting, table.md (default: runs/budget_study)")
     return p
 
 
@@ -212,8 +225,9 @@ def main(argv=None) -> int:
     if args.command is None:
         p.print_help()
         return 2
-    if getattr(args, "config", None) is None and args.command == "demo":
-        args.config = str(Path(__file__).resolve().parent.parent / "configs" / "demo.yaml")
+    default_configs = {"demo": "demo.yaml", "budget-study": "neonatal_budget_synth.yaml"}
+    if getattr(args, "config", None) is None and args.command in default_configs:
+        args.config = str(Path(__file__).resolve().parent.parent / "configs" / default_configs[args.command])
     from jaxseg.config import ConfigError
     from jaxseg.data.io import DataError
     from jaxseg.interop.torch_run import ImportRunError

@@ -355,3 +355,13 @@ def test_bad_arguments(template, tmp_path):
         S.write_cohort(tmp_path / "y", 2, flavour="fetal", template=template)
     with pytest.raises(ValueError, match="stratum"):
         S.write_cohort(tmp_path / "y", 2, strata={"hydro": 1.0}, template=template)
+
+
+def test_lesion_radius_sets_the_lesion_load(template, tmp_path):
+    small = S.make_subject(3, template, age=45.0, age_unit="years", spacing=3.0, lesions=True)
+    large = S.make_subject(3, template, age=45.0, age_unit="years", spacing=3.0, lesions=True,
+                           lesion_radius_mm=(3.0, 12.0))
+    assert small["metadata"]["n_lesions"] == large["metadata"]["n_lesions"]  # same draws, larger radii
+    assert (large["label"] > 0).sum() > 3 * (small["label"] > 0).sum()
+    with pytest.raises(ValueError, match="lesion_radius_mm"):
+        S.write_cohort(tmp_path / "z", 2, flavour="lesion", template=template, lesion_radius_mm=(5.0, 2.0))

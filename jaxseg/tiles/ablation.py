@@ -18,6 +18,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import json
+import textwrap
 import time
 from pathlib import Path
 
@@ -168,14 +169,14 @@ def _plot(path: Path, table: list[dict], case_rows: list[dict]) -> None:
     for j, t in enumerate(tests):
         vals = [next((r["hybrid"] for r in table if r["variant"] == v and r["test"] == t), np.nan) for v in variants]
         axes[0].bar(np.arange(len(variants)) + j * width, vals, width, label=t)
-    axes[0].set_xticks(np.arange(len(variants)) + 0.4 - width / 2, [v.replace(", ", ",\n") for v in variants],
-                       fontsize=7)
+    names = [textwrap.fill(v, 16) for v in variants]
+    axes[0].set_xticks(np.arange(len(variants)) + 0.4 - width / 2, names, fontsize=7)
     axes[0].set_ylabel("ISBI hybrid score")
     axes[0].legend(fontsize=8)
     axes[0].set_title("Hybrid score per variant and test set")
     data = [[r["dice"] for r in case_rows if r["variant"] == v] for v in variants]
     axes[1].boxplot(data)
-    axes[1].set_xticks(range(1, len(variants) + 1), [v.replace(", ", ",\n") for v in variants], fontsize=7)
+    axes[1].set_xticks(range(1, len(variants) + 1), names, fontsize=7)
     axes[1].set_ylabel("per-case Dice (all test cases)")
     axes[1].set_title("Per-case lesion Dice")
     fig.tight_layout()

@@ -61,6 +61,8 @@ def check_compatible(meta: dict, cfg: Config, where: Path) -> None:
         saved = load_config(f.name)
     finally:
         Path(f.name).unlink(missing_ok=True)
+    if fingerprint(saved) == fingerprint(cfg):
+        return  # written before a config field (with its default value here) was added to the schema
     def matters(line: str) -> bool:
         key = line.split(":")[0]
         return any(key == k or key.startswith(k + ".") for k in TRAJECTORY_KEYS)

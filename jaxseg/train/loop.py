@@ -65,6 +65,18 @@ def kfold_split(case_ids, fold: int | str, num_folds: int = 5, seed: int = 12345
     return [keys[i] for i in range(len(keys)) if i not in val], [keys[i] for i in sorted(val)]
 
 
+def limit_cases(case_ids, max_cases: int | None, seed: int = 12345) -> list:
+    """The first `max_cases` of `case_ids` in a random order fixed by `seed` (returned in sorted order);
+    all of them when `max_cases` is None or not smaller. Deterministic: the sorted ids are permuted by
+    numpy's PCG64 seeded with `seed` (data.split_seed), so a smaller N is a prefix of a larger one's
+    draw (nested subsets)."""
+    keys = sorted(case_ids)
+    if max_cases is None or max_cases >= len(keys):
+        return keys
+    order = np.random.default_rng(seed).permutation(len(keys))
+    return sorted(keys[i] for i in order[:max_cases])
+
+
 # ------------------------------------------------------------------------------------------ helpers
 
 
@@ -218,6 +230,8 @@ def train_and_evaluate(cfg: Config, workdir: str | os.PathLike, *, max_steps: in
         raise TrainingError(f"{store_root}: no prepared case store (run `python -m jaxseg.launch prepare`)")
     all_train = CaseSource(store_root, split="train")
     train_ids, val_ids = kfold_split(all_train.case_ids, cfg.data.fold, cfg.data.num_folds, cfg.data.split_seed)
+    # data.max_train_cases: fewer training subjects (label budgeting's "full"); validation is unchanged.
+    train_ids = limit_cases(train_ids, cfg.data.max_train_cases, cfg.data.split_seed)
     source = CaseSource(store_root, split="train", case_ids=train_ids)
     d = cfg.dro
     sampler_mode = "hardness" if d.enabled and d.mode in ("sampling", "sampling_is") else "uniform"

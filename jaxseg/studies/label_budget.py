@@ -1,0 +1,329 @@
+"""The label-budgeting study (Richter & Fetit, Table 3; SPEC section 3) on the synthetic tissue cohort.
+
+`run_label_budget(cfg, workdir)`: synth (tissue flavour) -> prepare -> five training runs at an equal
+budget of labelled 2D slices and an equal number of steps -> predict the validation and test splits
+with each run's best checkpoint -> mean Dice with and without the background -> table.
+
+The settings (the paper's rows):
+
+  random / sagittal / coronal / axial  "dispersed": every training subject of the fold, a fraction
+                                       ``data.label_budget.fraction`` (1/3) of its slices labelled
+                                       along that axis (``data.label_budget.enabled``; "random"
+                                       draws the axis per subject)
+  full                                 ``round(fraction * n)`` subjects fully labelled (label budget
+                                       off, ``data.max_train_cases``): the same number of labelled
+                                       slices on a third of the anatomy
+
+All five share the validation cases (``data.fold`` of the training split), the test split, the
+model, the optimiser and ``train.epochs x train.steps_per_epoch`` steps. The dispersed subjects'
+slices are those the training loop masks (``jaxseg.data.budget.slice_budget`` with ``cfg.seed``), so
+the table's slice counts are the ones trained on. Each stage is skipped when its output is complete
+(the cohort, the store, finished runs, written predictions), so a rerun resumes a killed study.
+
+Writes ``table.md``, ``table.csv``, ``table.json`` (rows, per-class Dice, timings) and
+``budget.png`` into the workdir.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import math
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Callable, Mapping, Sequence
+
+import numpy as np
+
+from jaxseg.config import Config, save_config
+from jaxseg.data.budget import AXES, slice_budget
+from jaxseg.fileio import write_text_atomic
+
+# (row, data.label_budget.enabled, data.label_budget.axis); the paper's row order.
+SETTINGS = (
+    ("random", True, "random"),
+    ("sagittal", True, "sagittal"),
+    ("coronal", True, "coronal"),
+    ("axial", True, "axial"),
+    ("full", False, None),
+)
+# Background classes, left out of "Dice (foreground)": on the synthetic tissue labels class 0 only
+# (dHCP's drawem9 would be (0, 4), outer and inner background).
+BACKGROUND = (0,)
+# Paper Table 3, test mean Dice (SPEC section 3; all at 20 epochs).
+PAPER_TABLE3_TEST = {"random": 0.910, "sagittal": 0.900, "coronal": 0.913, "axial": 0.905, "full": 0.852}
+COLUMNS = ("setting", "subjects", "labelled_slices", "labelled_voxels", "val_dice_all", "val_dice_fg",
+           "test_dice_all", "test_dice_fg", "n_val", "n_test", "best_step", "train_val_dice")
+
+
+# ------------------------------------------------------------------------------------------ settings
+
+
+def n_full_subjects(n_train: int, fraction: float) -> int:
+    """Fully labelled subjects at the dispersed settings' slice budget: round(fraction * n), >= 1."""
+    return max(1, int(math.floor(fraction * n_train + 0.5)))
+
+
+def setting_config(cfg: Config, name: str, n_full: int) -> Config:
+    """The run config of one setting (see the module docstring)."""
+    enabled, axis = next((e, a) for n, e, a in SETTINGS if n == name)
+    lb = cfg.data.label_budget
+    lb = dataclasses.replace(lb, enabled=enabled, axis=axis or lb.axis)
+    data = dataclasses.replace(cfg.data, label_budget=lb, max_train_cases=None if enabled else n_full)
+    return dataclasses.replace(cfg, experiment=f"{cfg.experiment}-{name}", data=data)
+
+
+def labelled_counts(cfg: Config, shapes: Mapping[str, Sequence[int]], train_ids: Sequence[str]) -> dict:
+    """Labelled subjects, 2D slices and voxels of a setting's training cases (``cfg`` from
+    `setting_config`). A fully labelled subject counts its slices along the axial axis."""
+    lb = cfg.data.label_budget
+    slices = voxels = 0
+    for c in train_ids:
+        shape = tuple(int(v) for v in shapes[c])
+        if lb.enabled:
+            b = slice_budget(shape, lb.axis, lb.fraction, lb.exclude_border, seed=cfg.seed, case_id=c)
+            slices, voxels = slices + b.n_slices, voxels + b.n_voxels
+        else:
+            slices, voxels = slices + shape[AXES["axial"]], voxels + math.prod(shape)
+    return {"subjects": len(train_ids), "labelled_slices": slices, "labelled_voxels": voxels}
+
+
+# ---------------------------------------------------------------------------------------- evaluation
+
+
+def case_dice(pred: np.ndarray, ref: np.ndarray, labels: Sequence[int],
+              background: Sequence[int] = BACKGROUND) -> dict:
+    """Per-class Dice of one case and its means over all classes and over the foreground classes
+    (classes absent from both maps are left out of the means)."""
+    from jaxseg.evaluation.metrics import dice_per_class
+
+    per = dice_per_class(pred, ref, labels)
+    fg = [v for k, v in per.items() if k not in set(background)]
+    with np.errstate(all="ignore"):
+        return {"all": float(np.nanmean(list(per.values()))) if per else math.nan,
+                "fg": float(np.nanmean(fg)) if fg else math.nan, "per_class": per}
+
+
+def evaluate_split(pred_dir: Path, references: Mapping[str, Path], labels: Sequence[int],
+                   background: Sequence[int] = BACKGROUND) -> dict:
+    """Mean over cases of `case_dice` for every case of `references` (a missing prediction is an error)."""
+    from jaxseg.data.io import load_nifti
+    from jaxseg.evaluation.evaluate import find_prediction
+
+    rows = []
+    for case, ref_path in sorted(references.items()):
+        pred_path = find_prediction(pred_dir, case)
+        if pred_path is None:
+            raise FileNotFoundError(f"{pred_dir}: no prediction for {case}")
+        pred, _, _ = load_nifti(pred_path)
+        ref, _, _ = load_nifti(ref_path)
+        rows.append(case_dice(np.rint(pred).astype(np.int64), np.rint(ref).astype(np.int64), labels, background))
+    with np.errstate(all="ignore"):
+        return {"all": float(np.nanmean([r["all"] for r in rows])), "fg": float(np.nanmean([r["fg"] for r in rows])),
+                "per_class": {int(k): float(np.nanmean([r["per_class"][k] for r in rows])) for k in labels},
+                "n": len(rows)}
+
+
+# -------------------------------------------------------------------------------------------- output
+
+
+def _fmt(v, digits: int = 3) -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "nan"
+    return f"{v:.{digits}f}" if isinstance(v, float) else str(v)
+
+
+def table_markdown(rows: Sequence[Mapping], notes: Sequence[str] = ()) -> str:
+    """The paper's Table 3 layout: one row per setting; mean Dice (all classes, foreground) on the
+    validation and test cases, with the training subjects and labelled slices, and the paper's test Dice."""
+    lines = ["| Setting | Training subjects | Labelled slices | Labelled voxels | Validation Dice (all classes) | "
+             "Validation Dice (foreground) | Test Dice (all classes) | Test Dice (foreground) | Paper Table 3 test Dice |",
+             "|:---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {r['setting']} | {r['subjects']} | {r['labelled_slices']} | {r['labelled_voxels']} | "
+                     f"{_fmt(r['val_dice_all'])} | {_fmt(r['val_dice_fg'])} | {_fmt(r['test_dice_all'])} | "
+                     f"{_fmt(r['test_dice_fg'])} | {_fmt(PAPER_TABLE3_TEST.get(r['setting']))} |")
+    return "\n".join(lines + ([""] + [f"{n}" for n in notes] if notes else [])) + "\n"
+
+
+def write_table(workdir: str | os.PathLike, rows: Sequence[Mapping], *, per_class: Mapping | None = None,
+                timings: Mapping | None = None, info: Mapping | None = None, notes: Sequence[str] = (),
+                plot: bool = True) -> dict:
+    """Write ``table.md``, ``table.csv``, ``table.json`` and (with `plot`) ``budget.png`` into `workdir`.
+
+    `rows`: one mapping per setting with the keys of ``COLUMNS`` (extra keys go to the JSON only).
+    `per_class`: setting -> split -> {class name: Dice}. Returns the paths written.
+    """
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    paths = {"markdown": workdir / "table.md", "csv": workdir / "table.csv", "json": workdir / "table.json"}
+    write_text_atomic(paths["markdown"], table_markdown(rows, notes))
+    tmp = paths["csv"].with_suffix(".csv.tmp")
+    with open(tmp, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(COLUMNS), extrasaction="ignore")
+        w.writeheader()
+        for r in rows:
+            w.writerow({k: (f"{r[k]:.6f}" if isinstance(r.get(k), float) else r.get(k)) for k in COLUMNS})
+    tmp.replace(paths["csv"])
+    record = {"rows": [dict(r) for r in rows], "per_class": per_class or {}, "timings": dict(timings or {}),
+              "info": dict(info or {}), "paper_table3_test": PAPER_TABLE3_TEST}
+    write_text_atomic(paths["json"], json.dumps(record, indent=1, default=str) + "\n")
+    if plot:
+        paths["plot"] = workdir / "budget.png"
+        _plot(paths["plot"], rows, per_class or {})
+    return paths
+
+
+def _plot(path: Path, rows: Sequence[Mapping], per_class: Mapping) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    settings = [r["setting"] for r in rows]
+    x = np.arange(len(settings))
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4.5))
+    series = (("val_dice_all", "validation, all classes"), ("val_dice_fg", "validation, foreground"),
+              ("test_dice_all", "test, all classes"), ("test_dice_fg", "test, foreground"))
+    width = 0.8 / len(series)
+    for j, (key, label) in enumerate(series):
+        axes[0].bar(x + j * width, [float(r[key]) for r in rows], width, label=label)
+    paper = [PAPER_TABLE3_TEST.get(s, np.nan) for s in settings]
+    axes[0].plot(x + 0.4 - width / 2, paper, "k_", markersize=28, mew=2, label="paper Table 3 (test)")
+    axes[0].set_xticks(x + 0.4 - width / 2, [f"{r['setting']}\n{r['subjects']} subj." for r in rows])
+    axes[0].set_ylabel("mean Dice")
+    axes[0].set_ylim(0, 1.2)
+    axes[0].set_yticks(np.linspace(0, 1, 6))
+    axes[0].legend(fontsize=7, loc="upper center", ncol=3)
+    axes[0].set_title("Mean Dice per setting (equal slice budget, equal steps)")
+    classes = list(dict.fromkeys(c for s in settings for c in per_class.get(s, {}).get("test", {})))
+    if classes:
+        width = 0.8 / len(settings)
+        for j, s in enumerate(settings):
+            vals = [per_class.get(s, {}).get("test", {}).get(c, np.nan) for c in classes]
+            axes[1].bar(np.arange(len(classes)) + j * width, vals, width, label=s)
+        axes[1].set_xticks(np.arange(len(classes)) + 0.4 - width / 2, classes, fontsize=7, rotation=30)
+        axes[1].set_ylim(0, 1.2)
+        axes[1].set_yticks(np.linspace(0, 1, 6))
+        axes[1].legend(fontsize=7, loc="upper center", ncol=5)
+    axes[1].set_ylabel("test Dice")
+    axes[1].set_title("Per-class test Dice")
+    fig.tight_layout()
+    tmp = path.with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    tmp.replace(path)
+
+
+# ---------------------------------------------------------------------------------------- the study
+
+
+def _image_folder(folder: Path, records) -> Path:
+    """A plain folder of ``CASE_XXXX.nii.gz`` links to `records`' images (what predict reads; the
+    validation cases are training-split cases, which an nnU-Net raw folder cannot select alone)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for rec in records:
+        for ch, src in enumerate(rec.images):
+            dst = folder / f"{rec.case_id}_{ch:04d}.nii.gz"
+            if not dst.exists():
+                try:
+                    os.symlink(Path(src).resolve(), dst)
+                except OSError:
+                    shutil.copyfile(src, dst)
+    return folder
+
+
+def run_label_budget(cfg: Config, workdir: str | os.PathLike, *, progress: bool = True,
+                     log: Callable[[str], None] = print) -> dict:
+    from jaxseg.data.datasets import read_dataset
+    from jaxseg.data.pipeline import CaseSource
+    from jaxseg.data.prepare import prepare
+    from jaxseg.data.synth import write_cohort
+    from jaxseg.inference.runs import predict_with_runs
+    from jaxseg.train.loop import kfold_split, limit_cases, train_and_evaluate
+
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, workdir / "config.yaml")
+    t_start = time.perf_counter()
+    timings: dict[str, float] = {}
+    raw, store_dir = workdir / "data" / "raw", workdir / "data" / "store"
+
+    t = time.perf_counter()
+    if not (raw / "dataset.json").exists():
+        s = cfg.synth
+        write_cohort(raw, s.n_subjects, seed=s.seed, spacing=s.spacing, flavour="tissue", strata=s.strata(),
+                     sites=s.sites, n_test=s.n_test, progress=progress, overwrite=True)
+    timings["synth_s"] = time.perf_counter() - t
+    t = time.perf_counter()
+    prepare(raw, store_dir, progress=progress)
+    timings["prepare_s"] = time.perf_counter() - t
+    cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, dataset=str(raw), store=str(store_dir)))
+
+    dataset = read_dataset(raw)
+    labels = {str(k): int(v) for k, v in dataset.labels.items()}
+    names = {v: k for k, v in labels.items()}
+    source = CaseSource(store_dir, split="train")
+    shapes = dict(zip(source.case_ids, source.shapes))
+    train_ids, val_ids = kfold_split(source.case_ids, cfg.data.fold, cfg.data.num_folds, cfg.data.split_seed)
+    if not val_ids:
+        raise ValueError("the label-budget study selects each run's best checkpoint on validation cases: "
+                         "data.fold must be a fold number, not 'all'")
+    n_full = n_full_subjects(len(train_ids), cfg.data.label_budget.fraction)
+    records = {c.case_id: c for c in dataset.cases}
+    refs = {"val": {c: records[c].label for c in val_ids},
+            "test": {c.case_id: c.label for c in dataset.cases if c.split == "test"}}
+    # One folder of the validation and test images: one predict call (one compile) per run.
+    eval_images = _image_folder(workdir / "data" / "eval_images",
+                                [records[c] for split in ("val", "test") for c in refs[split]])
+    log(f"label budget: {len(train_ids)} training subjects ({n_full} fully labelled for 'full'), "
+        f"{len(val_ids)} validation, {len(refs['test'])} test; "
+        f"{cfg.train.epochs * cfg.train.steps_per_epoch} steps per run")
+
+    rows, per_class = [], {}
+    for name, _, _ in SETTINGS:
+        run_cfg = setting_config(cfg, name, n_full)
+        run_dir = workdir / name
+        run_ids = limit_cases(train_ids, run_cfg.data.max_train_cases, cfg.data.split_seed)
+        t = time.perf_counter()
+        out = train_and_evaluate(run_cfg, run_dir, progress=progress)
+        timings[f"train_{name}_s"] = time.perf_counter() - t
+        if list(out["train_cases"]) != list(run_ids) or list(out["val_cases"]) != list(val_ids):
+            raise RuntimeError(f"{name}: the run trained on other cases than the study counted")
+        t = time.perf_counter()
+        predict_with_runs([run_dir], eval_images, run_dir / "predictions", progress=progress, skip_existing=True)
+        timings[f"predict_{name}_s"] = time.perf_counter() - t
+        t = time.perf_counter()
+        scores = {split: evaluate_split(run_dir / "predictions", refs[split], list(labels.values()))
+                  for split in ("val", "test")}
+        timings[f"evaluate_{name}_s"] = time.perf_counter() - t
+        per_class[name] = {split: {names[k]: v for k, v in sc["per_class"].items()} for split, sc in scores.items()}
+        row = {"setting": name, **labelled_counts(run_cfg, shapes, run_ids),
+               "val_dice_all": scores["val"]["all"], "val_dice_fg": scores["val"]["fg"],
+               "test_dice_all": scores["test"]["all"], "test_dice_fg": scores["test"]["fg"],
+               "n_val": scores["val"]["n"], "n_test": scores["test"]["n"], "best_step": out["best"].get("step"),
+               "train_val_dice": out["best"].get("val_dice"), "train_s": timings[f"train_{name}_s"]}
+        rows.append(row)
+        log(f"{name}: {row['subjects']} subjects, {row['labelled_slices']} labelled slices; Dice all/fg "
+            f"validation {row['val_dice_all']:.3f}/{row['val_dice_fg']:.3f}, "
+            f"test {row['test_dice_all']:.3f}/{row['test_dice_fg']:.3f}")
+    timings["total_s"] = time.perf_counter() - t_start
+    steps = cfg.train.epochs * cfg.train.steps_per_epoch
+    info = {"n_train": len(train_ids), "n_full": n_full, "n_val": len(val_ids), "n_test": len(refs["test"]),
+            "fraction": cfg.data.label_budget.fraction, "exclude_border": cfg.data.label_budget.exclude_border,
+            "steps": steps, "batch_size": cfg.data.batch_size, "patch_size": list(cfg.data.patch_size),
+            "background": list(BACKGROUND), "labels": labels}
+    notes = [f"Equal budget of labelled slices and equal steps ({steps} x batch {cfg.data.batch_size}, "
+             f"patch {'x'.join(map(str, cfg.data.patch_size))}): 'full' = {n_full} of the {len(train_ids)} training "
+             f"subjects fully labelled; the dispersed rows label {cfg.data.label_budget.fraction:.3g} of the "
+             f"slices of every subject along the axis named (random: one axis per subject), never in the outer "
+             f"{cfg.data.label_budget.exclude_border:.0%} of the axis. 'full' counts its slices along the axial axis.",
+             f"Mean Dice over {len(val_ids)} validation and {len(refs['test'])} test cases with each run's best "
+             f"checkpoint; 'all classes' includes the background (class 0), 'foreground' leaves it out. "
+             f"Paper: Richter & Fetit Table 3 (dHCP, 20 epochs).",
+             f"Total {timings['total_s'] / 60:.1f} min."]
+    paths = write_table(workdir, rows, per_class=per_class, timings=timings, info=info, notes=notes)
+    return {"rows": rows, "per_class": per_class, "timings": timings, **{k: str(v) for k, v in paths.items()}}
