@@ -34,7 +34,8 @@ COLORS = ("#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e3
 REF_COLOR, PRED_COLOR, ERR_COLOR = "#00c000", "#ff2020", "#ffd000"
 
 
-def _save(fig: Figure, path: str | os.PathLike, dpi: int = 100) -> Path:
+def save_figure(fig: Figure, path: str | os.PathLike, dpi: int = 100) -> Path:
+    """Write a figure as PNG atomically."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     FigureCanvasAgg(fig)
@@ -95,7 +96,7 @@ def metric_distribution(
     ax.set_title(title or f"{metric_prefix} - {stratum or 'all'}")
     if methods:
         ax.legend(loc="lower left", fontsize="small")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def training_curves(
@@ -131,7 +132,7 @@ def training_curves(
             ax.set_yscale("log")
         ax.grid(alpha=0.3)
         ax.legend(fontsize="small")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def largest_error_point(label_ref: np.ndarray, label_pred: np.ndarray) -> tuple[int, int, int]:
@@ -210,4 +211,4 @@ def worst_case_overlays(
     fig.legend(handles=handles, loc="lower center", ncol=3, fontsize="small", frameon=False)
     if title:
         fig.suptitle(title)
-    return _save(fig, path)
+    return save_figure(fig, path)

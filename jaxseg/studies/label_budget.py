@@ -38,6 +38,7 @@ from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
+from jaxseg.evaluation.plots import save_figure
 from jaxseg.config import Config, save_config
 from jaxseg.data.budget import AXES, slice_budget
 from jaxseg.fileio import write_text_atomic
@@ -212,10 +213,8 @@ def _plot(path: Path, rows: Sequence[Mapping], per_class: Mapping) -> None:
     axes[1].set_ylabel("test Dice")
     axes[1].set_title("Per-class test Dice")
     fig.tight_layout()
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=110)
+    save_figure(fig, path, dpi=110)
     plt.close(fig)
-    tmp.replace(path)
 
 
 # ---------------------------------------------------------------------------------------- the study

@@ -25,6 +25,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
+from jaxseg.evaluation.plots import save_figure
 from jaxseg.config import Config
 from jaxseg.data import store
 from jaxseg.evaluation import metrics as M
@@ -180,7 +181,5 @@ def _plot(path: Path, table: list[dict], case_rows: list[dict]) -> None:
     axes[1].set_ylabel("per-case Dice (all test cases)")
     axes[1].set_title("Per-case lesion Dice")
     fig.tight_layout()
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=110)
+    save_figure(fig, path, dpi=110)
     plt.close(fig)
-    tmp.replace(path)
