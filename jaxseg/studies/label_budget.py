@@ -41,7 +41,7 @@ import numpy as np
 from jaxseg.evaluation.plots import save_figure
 from jaxseg.config import Config, save_config
 from jaxseg.data.budget import AXES, slice_budget
-from jaxseg.fileio import write_text_atomic
+from jaxseg.fileio import atomic_path, write_text_atomic
 
 # (row, data.label_budget.enabled, data.label_budget.axis); the paper's row order.
 SETTINGS = (
@@ -162,13 +162,11 @@ def write_table(workdir: str | os.PathLike, rows: Sequence[Mapping], *, per_clas
     workdir.mkdir(parents=True, exist_ok=True)
     paths = {"markdown": workdir / "table.md", "csv": workdir / "table.csv", "json": workdir / "table.json"}
     write_text_atomic(paths["markdown"], table_markdown(rows, notes))
-    tmp = paths["csv"].with_suffix(".csv.tmp")
-    with open(tmp, "w", newline="") as f:
+    with atomic_path(paths["csv"], suffix=".csv") as tmp, open(tmp, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(COLUMNS), extrasaction="ignore")
         w.writeheader()
         for r in rows:
             w.writerow({k: (f"{r[k]:.6f}" if isinstance(r.get(k), float) else r.get(k)) for k in COLUMNS})
-    tmp.replace(paths["csv"])
     record = {"rows": [dict(r) for r in rows], "per_class": per_class or {}, "timings": dict(timings or {}),
               "info": dict(info or {}), "paper_table3_test": PAPER_TABLE3_TEST}
     write_text_atomic(paths["json"], json.dumps(record, indent=1, default=str) + "\n")

@@ -29,7 +29,7 @@ from jaxseg.evaluation.plots import save_figure
 from jaxseg.config import Config
 from jaxseg.data import store
 from jaxseg.evaluation import metrics as M
-from jaxseg.fileio import write_text_atomic
+from jaxseg.fileio import atomic_path, write_text_atomic
 from jaxseg.tiles.train import predict_dlb, split_cases, train_dlb
 
 METRICS = ("hybrid", "dice", "ppv", "tpr", "lfpr", "ltpr", "corr")
@@ -142,16 +142,12 @@ def _write(workdir: Path, table: list[dict], case_rows: list[dict], timings: dic
         lines.append(f"| {r['variant']} | {r['test']} | {r['n']} | " + " | ".join(
             _fmt(r[k]) for k in ("hybrid", "dice", "ppv", "tpr", "lfpr", "ltpr", "corr")) + " |")
     write_text_atomic(workdir / "table.md", "\n".join(lines) + "\n")
-    with open(workdir / "table.csv.tmp", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=["variant", "test", "n", *METRICS])
-        w.writeheader()
-        w.writerows(table)
-    (workdir / "table.csv.tmp").replace(workdir / "table.csv")
-    with open(workdir / "cases.csv.tmp", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(case_rows[0]))
-        w.writeheader()
-        w.writerows(case_rows)
-    (workdir / "cases.csv.tmp").replace(workdir / "cases.csv")
+    for name, rows, fields in (("table.csv", table, ["variant", "test", "n", *METRICS]),
+                               ("cases.csv", case_rows, list(case_rows[0]))):
+        with atomic_path(workdir / name, suffix=".csv") as tmp, open(tmp, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=fields)
+            w.writeheader()
+            w.writerows(rows)
     write_text_atomic(workdir / "table.json", json.dumps({"table": table, "timings": timings,
                                                           "training": trained}, indent=1, default=str))
     _plot(workdir / "ablation.png", table, case_rows)

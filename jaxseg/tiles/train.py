@@ -260,10 +260,6 @@ def load_params(path: Path):
         return ckpt.restore(path)
 
 
-def _sample_shape(grid: TileGrid, channels: int):
-    return grid.tile + (channels,)
-
-
 def train_dlb(cfg: Config, workdir, *, mesh=None, log=print) -> dict:
     """Both stages as ``cfg.dlb.method`` says; returns a summary (also written to workdir/train.json)."""
     workdir = Path(workdir)
@@ -282,11 +278,12 @@ def train_dlb(cfg: Config, workdir, *, mesh=None, log=print) -> dict:
     log(f"DLB {d.method}: {len(split['train'])} training / {len(split['val'])} validation cases, "
         f"{grid.n_tiles} tiles of {grid.tile} on {grid.shape}, {grid.n_networks} networks, augment {cfg.data.augment}")
     key = jax.random.PRNGKey(cfg.seed)
+    sample_shape = grid.tile + (images.shape[-1],)
     if d.method in ("hsl", "generic"):
         gpool = [sorted({p for pool in pools for p in pool})]
         gval = val_picks([sorted({p for pool in vpools for p in pool})], d.val_max_subvolumes, cfg.seed)
         steps = d.generic_steps_per_epoch or max(1, math.ceil(len(gpool[0]) / d.generic_batch_size))
-        init = ens.init_stacked(model, key, 1, _sample_shape(grid, images.shape[-1]))
+        init = ens.init_stacked(model, key, 1, sample_shape)
         generic, hist = train_stage("generic", model, cfg, workdir, images, labels, grid, gpool, gval, vimages,
                                     vlabels, init, batch=d.generic_batch_size, steps_per_epoch=steps,
                                     max_epochs=d.generic_max_epochs, patience=d.generic_patience, seed=cfg.seed,
@@ -298,7 +295,7 @@ def train_dlb(cfg: Config, workdir, *, mesh=None, log=print) -> dict:
             init = ens.broadcast(ens.unstack(generic, 0), grid.n_networks)
         else:
             init = ens.init_stacked(model, jax.random.fold_in(key, 1), grid.n_networks,
-                                    _sample_shape(grid, images.shape[-1]))
+                                    sample_shape)
         steps = d.steps_per_epoch or max(1, math.ceil(max(len(p) for p in pools) / d.batch_size))
         _, hist = train_stage("ensemble", model, cfg, workdir, images, labels, grid, pools,
                               val_picks(vpools, None, cfg.seed), vimages, vlabels, init, batch=d.batch_size,

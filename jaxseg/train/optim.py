@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 import optax
 
 from jaxseg.config import OptimConfig
+from jaxseg.train.finetune import freeze
 
 
 def poly_schedule(lr0: float, total: int, power: float = 0.9, steps_per_unit: int = 1):
@@ -57,6 +57,4 @@ def make_optimizer(cfg: OptimConfig, epochs: int, steps_per_epoch: int, params=N
     core = optax.chain(*clip, main)
     if trainable is None:
         return core
-    # Frozen leaves get no gradient at all (as requires_grad=False in torch): the clip norm ignores them.
-    labels = jax.tree.map(lambda t: "train" if t else "freeze", trainable)
-    return optax.multi_transform({"train": core, "freeze": optax.set_to_zero()}, labels)
+    return freeze(core, trainable)
