@@ -180,6 +180,10 @@ class DataConfig(_Section):
     augment: Literal["nnunet", "neonatal", "dlb_iqda", "none"] = "nnunet"
     label_budget: LabelBudgetConfig = field(default_factory=LabelBudgetConfig)
     max_train_cases: int | None = None
+    # Explicit case lists (nnU-Net's splits_final.json): they replace the fold split when set; an empty
+    # or absent val_cases trains without validation (the last checkpoint stands for the best).
+    train_cases: tuple[str, ...] | None = None
+    val_cases: tuple[str, ...] | None = None
 
     def _validate(self) -> None:
         _check(self.num_channels >= 1, "num_channels", f"must be >= 1, got {self.num_channels}")
@@ -206,6 +210,14 @@ class DataConfig(_Section):
         if self.max_train_cases is not None:
             _check(self.max_train_cases >= 1, "max_train_cases",
                    f"must be >= 1 or null (all), got {self.max_train_cases}")
+        if self.train_cases is not None:
+            _check(len(self.train_cases) >= 1, "train_cases", "must not be empty (use null for the fold split)")
+            _check(len(set(self.train_cases)) == len(self.train_cases), "train_cases", "has duplicate cases")
+            both = sorted(set(self.train_cases) & set(self.val_cases or ()))
+            _check(not both, "val_cases", f"shares cases with train_cases: {both[:3]}", "train_cases")
+        else:
+            _check(self.val_cases is None, "val_cases", "needs train_cases (otherwise data.fold chooses them)",
+                   "train_cases")
 
 
 @dataclass(frozen=True)
@@ -226,7 +238,19 @@ class ModelConfig(_Section):
     compute_dtype: Literal["float32", "bfloat16"] = "float32"
     conv_impl: Literal["auto", "xla", "im2col"] = "auto"
     age_head: bool = False
+    # AgeU-Net output = age_offset + age_scale * (head), before its final PReLU: with the training ages'
+    # mean and SD the untrained head starts at the mean age instead of 0 (the paper's MSE starts ~10^3).
+    age_offset: float = 0.0
+    age_scale: float = 1.0
     dropout: float = 0.0
+    # U-Net details that differ between the torch U-Nets jaxseg imports (jaxseg.interop): MONAI's DynUNet
+    # has bias-free convolutions, plain decoder blocks under a residual encoder, and convolves decoder
+    # level i with kernels[i + 1]. "same": decoder blocks like `block`; decoder_kernels null: decoder
+    # level i uses kernels[i] (nnU-Net); one entry per decoder level (n_stages - 1), level 0 first.
+    # conv_bias: biases of the encoder/decoder convolutions (the 1x1x1 heads always have one).
+    decoder_block: Literal["same", "plain", "residual"] = "same"
+    decoder_kernels: tuple[tuple[int, int, int], ...] | None = None
+    conv_bias: bool = True
 
     def _validate(self) -> None:
         _check(self.features_base >= 1, "features_base", f"must be >= 1, got {self.features_base}")
@@ -259,10 +283,29 @@ class ModelConfig(_Section):
                 f"has {len(self.kernels)} entries but strides has {len(self.strides)}",
                 "strides",
             )
+        if self.decoder_kernels is not None:
+            _check(len(self.decoder_kernels) >= 1, "decoder_kernels",
+                   "must not be empty (use null for the encoder kernels)")
+            for i, triple in enumerate(self.decoder_kernels):
+                _positive(triple, f"decoder_kernels[{i}]")
+            for name in ("n_stages", "strides", "kernels"):
+                value = getattr(self, name)
+                if value is None:
+                    continue
+                stages = value if name == "n_stages" else len(value)
+                _check(
+                    len(self.decoder_kernels) == stages - 1,
+                    "decoder_kernels",
+                    f"has {len(self.decoder_kernels)} entries but the network has {stages - 1} decoder levels "
+                    f"({name} gives {stages} stages)",
+                    name,
+                )
+                break
         _check(self.norm_groups >= 1, "norm_groups", f"must be >= 1, got {self.norm_groups}")
         if self.num_ds_heads is not None:
             _check(self.num_ds_heads >= 1, "num_ds_heads", f"must be >= 1, got {self.num_ds_heads}")
         _check(0.0 <= self.dropout < 1.0, "dropout", f"must be in [0, 1), got {self.dropout!r}")
+        _check(self.age_scale > 0.0, "age_scale", f"must be > 0, got {self.age_scale!r}")
 
 
 @dataclass(frozen=True)
@@ -452,6 +495,38 @@ class DLBConfig(_Section):
 
 
 @dataclass(frozen=True)
+class TransferConfig(_Section):
+    """The transfer-learning study (jaxseg.studies.transfer): roles by age in the synthetic cohort
+    (paper: oldest 100 -> 90 pre-train / 10 validation; youngest 120 -> 40 fine-tune / 80 test)."""
+
+    n_old: int = 30                # oldest subjects: pre-training
+    n_old_val: int = 4             # of which validation (the pre-trained model's best checkpoint)
+    n_young: int = 30              # youngest subjects: fine-tuning and test
+    n_finetune: int = 10           # of which fine-tuning (drawn with data.split_seed); the rest test
+    seeds: tuple[int, ...] = (0, 1, 2)
+    strategies: tuple[Literal["none", "shallow", "medium", "deep", "full", "scratch"], ...] = (
+        "none", "shallow", "medium", "deep", "full", "scratch")
+    finetune_steps: int = 100      # fine-tuning and from-scratch runs alike (train.* sets pre-training)
+    finetune_lr: float = 1e-3      # the paper's fine-tuning lr (SPEC 3)
+    scratch_lr: float | None = None  # null: optim.lr (a fresh network, as pre-training)
+
+    def _validate(self) -> None:
+        _check(self.n_old >= 2, "n_old", f"must be >= 2, got {self.n_old}")
+        _check(1 <= self.n_old_val < self.n_old, "n_old_val", f"must be in [1, n_old), got {self.n_old_val}", "n_old")
+        _check(self.n_young >= 2, "n_young", f"must be >= 2, got {self.n_young}")
+        _check(1 <= self.n_finetune < self.n_young, "n_finetune",
+               f"must be in [1, n_young) (the rest are the test set), got {self.n_finetune}", "n_young")
+        _check(len(self.seeds) >= 1 and len(set(self.seeds)) == len(self.seeds), "seeds",
+               f"must be distinct and not empty, got {list(self.seeds)}")
+        _check(len(self.strategies) >= 1 and len(set(self.strategies)) == len(self.strategies), "strategies",
+               f"must be distinct and not empty, got {list(self.strategies)}")
+        _check(self.finetune_steps >= 1, "finetune_steps", f"must be >= 1, got {self.finetune_steps}")
+        _check(self.finetune_lr > 0, "finetune_lr", f"must be > 0, got {self.finetune_lr}")
+        if self.scratch_lr is not None:
+            _check(self.scratch_lr > 0, "scratch_lr", f"must be > 0 or null, got {self.scratch_lr}")
+
+
+@dataclass(frozen=True)
 class Config(_Section):
     experiment: str = "default"
     seed: int = 0
@@ -464,6 +539,7 @@ class Config(_Section):
     eval: EvalConfig = field(default_factory=EvalConfig)
     synth: SynthConfig = field(default_factory=SynthConfig)
     dlb: DLBConfig = field(default_factory=DLBConfig)
+    transfer: TransferConfig = field(default_factory=TransferConfig)
 
     def _validate(self) -> None:
         _check(bool(self.experiment.strip()), "experiment", "must not be empty")

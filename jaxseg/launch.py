@@ -1,6 +1,7 @@
 """`python -m jaxseg.launch COMMAND ...`: parses the command line, then calls library code.
 
-Commands: synth, prepare, train, predict, evaluate, demo; budget-study (neonatal label budgeting);
+Commands: synth, prepare, train, predict, evaluate, demo; neonatal studies: budget-study (label
+budgeting), age-study (AgeU-Net), transfer-study (fine-tuning strategies);
 DeepLesionBrain: dlb-train, dlb-predict, dlb-ablation; import-torch (PyTorch DynUNet / nnU-Net
 weights -> a run directory). Each has --help.
 """
@@ -97,6 +98,20 @@ def cmd_budget_study(args) -> None:
 
     out = run_label_budget(_config(args), args.workdir)
     print(f"label-budget table at {out['markdown']} ({out['timings']['total_s']:.0f} s)")
+
+
+def cmd_age_study(args) -> None:
+    from jaxseg.studies.age_unet import run_age_study
+
+    out = run_age_study(_config(args), args.workdir)
+    print(f"AgeU-Net table at {out['markdown']} ({out['timings']['total_s']:.0f} s)")
+
+
+def cmd_transfer_study(args) -> None:
+    from jaxseg.studies.transfer import run_transfer_study
+
+    out = run_transfer_study(_config(args), args.workdir)
+    print(f"transfer-learning tables at {out['markdown']} ({out['timings']['total_s']:.0f} s)")
 
 
 def cmd_dlb_train(args) -> None:
@@ -216,6 +231,13 @@ def parser() -> argparse.ArgumentParser:
              "subject (random, sagittal, coronal, axial) at equal slice budget and steps")
     sp.add_argument("--workdir", default="runs/budget_study",
                     help="study folder: cohort, store, one run per setting, table.md (default: runs/budget_study)")
+    sp = add("age-study", cmd_age_study, "AgeU-Net on the synthetic tissue cohort: U-Net vs AgeU-Net (one lr, own "
+             "head lr, centred head); test Dice, age MAE/MSE beside the mean-age baseline; the cohort's age effect")
+    sp.add_argument("--workdir", default="runs/age_study", help="study folder (default: runs/age_study)")
+    sp = add("transfer-study", cmd_transfer_study, "transfer learning on the synthetic tissue cohort: pre-train on the "
+             "oldest, fine-tune on a few of the youngest (none/shallow/medium/deep/full, scratch) over seeds; "
+             "Table 4 layout and Bonferroni-corrected t-tests")
+    sp.add_argument("--workdir", default="runs/transfer_study", help="study folder (default: runs/transfer_study)")
     return p
 
 
@@ -225,7 +247,8 @@ def main(argv=None) -> int:
     if args.command is None:
         p.print_help()
         return 2
-    default_configs = {"demo": "demo.yaml", "budget-study": "neonatal_budget_synth.yaml"}
+    default_configs = {"demo": "demo.yaml", "budget-study": "neonatal_budget_synth.yaml",
+                       "age-study": "neonatal_age_synth.yaml", "transfer-study": "neonatal_transfer_synth.yaml"}
     if getattr(args, "config", None) is None and args.command in default_configs:
         args.config = str(Path(__file__).resolve().parent.parent / "configs" / default_configs[args.command])
     from jaxseg.config import ConfigError

@@ -6,3 +6,19 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # Partitionable threefry made a tiny U-Net's jitted init compile in 24 s instead of 3.9 s on the CI CPU.
 # Values stay identical across shardings either way; only the sharded generation is less parallel.
 os.environ.setdefault("JAX_THREEFRY_PARTITIONABLE", "0")
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_store(tmp_path_factory):
+    """A prepared store of 12 synthetic subjects at 6 mm (10 training, 2 test), built once per session:
+    the training-loop tests share it (see tests/_tiny.py for the matching config)."""
+    from jaxseg.data.prepare import prepare
+    from jaxseg.data.synth import write_cohort
+
+    root = tmp_path_factory.mktemp("cohort")
+    write_cohort(root / "raw", 12, seed=3, spacing=6.0, n_test=2, workers=1, progress=False, preview=False)
+    prepare(root / "raw", root / "store", num_workers=1, progress=False)
+    return root / "store"

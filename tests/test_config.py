@@ -73,6 +73,27 @@ def test_non_default_round_trip(tmp_path):
     assert load_config(path) == cfg
 
 
+def test_decoder_fields_round_trip_and_validate(tmp_path):
+    # what an imported MONAI DynUNet writes: bias-free convs, plain decoder under a residual encoder,
+    # decoder level i convolved with kernels[i + 1]
+    cfg = load_config(None, ["model.n_stages=3", "model.strides=[[1,1,1],[2,2,2],[2,2,2]]",
+                             "model.kernels=[[3,3,1],[3,3,3],[3,3,3]]", "model.block=residual",
+                             "model.decoder_block=plain", "model.decoder_kernels=[[3,3,3],[3,3,3]]",
+                             "model.conv_bias=false"])
+    m = cfg.model
+    assert (m.decoder_block, m.decoder_kernels, m.conv_bias) == ("plain", ((3, 3, 3), (3, 3, 3)), False)
+    path = save_config(cfg, tmp_path / "config.yaml")
+    assert load_config(path) == cfg
+    assert (Config().model.decoder_block, Config().model.decoder_kernels, Config().model.conv_bias) == (
+        "same", None, True)
+    msg = error_of(None, ["model.n_stages=3", "model.decoder_kernels=[[3,3,3]]"])
+    assert "model.decoder_kernels" in msg and "2 decoder levels" in msg
+    msg = error_of(None, ["model.strides=[[1,1,1],[2,2,2]]", "model.decoder_kernels=[[3,3,3],[3,3,3]]"])
+    assert "model.decoder_kernels" in msg and "strides" in msg
+    assert "model.decoder_kernels[0][2]" in error_of(None, ["model.decoder_kernels=[[3,3,0]]"])
+    assert "model.decoder_block" in error_of(None, ["model.decoder_block=dense"])
+
+
 def test_dump_keeps_field_order():
     text = dump_config(Config())
     top = [line.split(":")[0] for line in text.splitlines() if line and not line.startswith(" ")]

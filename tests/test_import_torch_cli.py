@@ -98,17 +98,44 @@ def test_dynunet_import_then_predict_matches_torch(work, capsys):
     assert rec["kind"] == "dynunet" and rec["source"] == str((root / "dynunet.pt").absolute())
     assert rec["sha256"] == hashlib.sha256((root / "dynunet.pt").read_bytes()).hexdigest()
     assert rec["verification"]["max_abs_logit_diff"] < 1e-4
-    assert len(rec["adaptations"]) == 3  # conv bias, plain decoder under res encoder, decoder kernels
+    assert rec["adaptations"] == []  # the config says conv_bias, decoder_block and decoder_kernels
     assert rec["patch_size"] == list(SIZE) and rec["patch_size_from"] == "--patch-size"
 
     cfg = load_config(run / "config.yaml")
     m = cfg.model
     assert (m.block, m.norm, m.activation, m.upsample) == ("residual", "instance", "leaky_relu", "transpose")
     assert m.strides == ((1, 1, 1), (2, 2, 2), (2, 2, 2))
-    assert m.kernels == ((3, 3, 3), (3, 3, 3), (3, 3, 3))  # (3,3,1) embedded in the max with decoder_0's 3
+    assert m.kernels == ((3, 3, 1), (3, 3, 3), (3, 3, 3))  # the torch kernels, not padded
+    # DynUNet: plain decoder blocks under the residual encoder, decoder_i convolved with kernel_size[i + 1],
+    # no conv biases
+    assert (m.decoder_block, m.decoder_kernels, m.conv_bias) == ("plain", ((3, 3, 3), (3, 3, 3)), False)
     assert (m.deep_supervision, m.num_ds_heads) == (True, 2)
     assert (cfg.data.num_channels, cfg.data.num_classes, cfg.data.patch_size) == (1, 3, SIZE)
-    assert build_model(cfg).topology.features == (4, 8, 16)
+    model = build_model(cfg)
+    assert model.topology.features == (4, 8, 16)
+
+    # the config-built model's parameter tree is the torch model's: a bias exactly where torch has one
+    # (the output/deep-supervision heads and, trans_bias=True, the transposed convs; DynUNet's convs
+    # have none), plain decoder blocks, decoder_0 convolved with 3x3x3; the saved parameters fill it
+    import jax
+    from flax import traverse_util
+
+    from jaxseg.train.checkpoint import load_params
+
+    x = jax.ShapeDtypeStruct((1, *SIZE, 1), np.float32)
+    tree = traverse_util.flatten_dict(jax.eval_shape(lambda x: model.init(jax.random.key(0), x)["params"], x))
+    biases = sorted("/".join(p) for p in tree if p[-1] == "bias" and not p[-2].startswith("norm"))
+    assert biases == ["decoder_0/up/bias", "decoder_1/up/bias", "head_0/bias", "head_1/bias"]
+    torch_biases = [k for k in work["dyn"].state_dict() if k.endswith(".bias") and not k.startswith("skip_layers.")
+                    and ".norm" not in k]
+    assert len(torch_biases) == len(biases), torch_biases
+    assert not any(p[0].startswith("decoder_") and "res" in p for p in tree)  # plain decoder blocks
+    assert ("encoder_0", "res", "conv3", "kernel") in tree  # residual encoder
+    assert tree[("encoder_0", "res", "conv1", "kernel")].shape[:3] == (3, 3, 1)
+    assert tree[("decoder_0", "stage", "block_0", "conv", "kernel")].shape[:3] == (3, 3, 3)
+    saved, _ = load_params(run)
+    saved = traverse_util.flatten_dict(saved)
+    assert {p: tuple(v.shape) for p, v in saved.items()} == {p: tuple(v.shape) for p, v in tree.items()}
 
     labels, margin = torch_labels(work["dyn"], work["img"])
     assert_same_labels(predict(run, root, "pred_dyn"), labels, margin)

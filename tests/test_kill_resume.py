@@ -27,23 +27,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from jaxseg.data.prepare import prepare
-from jaxseg.data.synth import write_cohort
 
 WORKER = Path(__file__).with_name("_train_worker.py")
 TIMEOUT_S = 300
 STEPS = 6
 # 3 epochs x 2 steps: the learning-rate schedule covers the 6 steps of both runs.
 OVERRIDES = ["train.epochs=3", "train.checkpoint_every=1", "train.keep_checkpoints=3"]
-
-
-@pytest.fixture(scope="module")
-def tiny_store(tmp_path_factory):
-    # The store of tests/test_train_loop.py's tiny_store fixture.
-    root = tmp_path_factory.mktemp("cohort")
-    write_cohort(root / "raw", 12, seed=3, spacing=6.0, n_test=2, workers=1, progress=False, preview=False)
-    prepare(root / "raw", root / "store", num_workers=1, progress=False)
-    return root / "store"
 
 
 @pytest.fixture(scope="module")

@@ -4,27 +4,9 @@ import jax
 import numpy as np
 import pytest
 
-from jaxseg.config import load_config
-from jaxseg.data.prepare import prepare
-from jaxseg.data.synth import write_cohort
+from _tiny import tiny_cfg
 from jaxseg.train.checkpoint import IncompatibleResume
 from jaxseg.train.loop import kfold_split, train_and_evaluate
-
-
-@pytest.fixture(scope="module")
-def tiny_store(tmp_path_factory):
-    root = tmp_path_factory.mktemp("cohort")
-    write_cohort(root / "raw", 12, seed=3, spacing=6.0, n_test=2, workers=1, progress=False, preview=False)
-    prepare(root / "raw", root / "store", num_workers=1, progress=False)
-    return root / "store"
-
-
-def tiny_cfg(store, *overrides):
-    return load_config(None, [
-        f"data.store={store}", "data.patch_size=[16,16,16]", "data.batch_size=8", "data.fold=all",
-        "data.threads=1", "model.features_base=4", "model.features_max=8", "model.conv_impl=xla",
-        "train.epochs=2", "train.steps_per_epoch=2", "train.checkpoint_every=1", "train.log_every=1",
-        "data.augment=none", *overrides])
 
 
 def test_kfold_split_matches_sklearn_kfold():

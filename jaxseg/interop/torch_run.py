@@ -16,18 +16,12 @@
   import.json    source file, its sha256, kind, architecture arguments, what was adapted to fit
                  the config, and the max abs logit difference to the torch model on a random input
 
-The config schema cannot say everything the importers can build (`UNet3D.conv_bias`,
-`decoder_block`, `decoder_kernels`, per-stage features). The first three are expressed with
-numerically identical parameters in the model the config does build:
-  - conv biases the torch model lacks (DynUNet: bias=False) are stored as zeros;
-  - DynUNet's plain decoder blocks under a residual encoder (res_block=True) become residual blocks
-    whose skip branch is zeroed (conv3 kernel and norm3 scale/bias 0: the skip adds exactly 0);
-  - a decoder kernel that differs from the encoder kernel of its level (DynUNet's decoder_i uses
-    kernels[i + 1]) is handled by giving that level the elementwise maximum kernel and embedding
-    the smaller ones, zero-padded and centred (same outputs; more FLOPs on those levels).
-Per-stage features that are not `min(features_base * 2**i, features_max)` cannot be expressed and
-are refused. Each adaptation is listed in import.json ("adaptations"), and the rebuilt model is
-checked against the imported one (and against torch) before anything is written.
+The config's `model` section says everything the importers build: DynUNet's bias-free convolutions
+(`conv_bias: false`), its plain decoder blocks under a residual encoder (`decoder_block: plain`) and
+its decoder kernels (`decoder_kernels`: decoder level i uses kernel_size[i + 1]). Per-stage features
+that are not `min(features_base * 2**i, features_max)` cannot be expressed and are refused. The
+config-built model has the imported model's parameter tree, leaf for leaf, and is checked against
+the imported one (and against torch) before anything is written.
 """
 
 from __future__ import annotations
@@ -127,8 +121,9 @@ def _stage_features_params(features: Sequence[int]) -> tuple[int, int] | None:
 
 
 def config_for(model, *, num_channels: int, spacing, store: str, experiment: str):
-    """(Config, adaptations): the jaxseg config whose build_model gives a UNet3D equivalent to the
-    imported `model`, and the list of parameter adaptations `fit_params` must make."""
+    """(Config, adaptations): the jaxseg config whose build_model gives the imported UNet3D `model` (the
+    same parameter tree), and the list of parameter adaptations `fit_params` makes (none: the config
+    expresses conv_bias, decoder_block and decoder_kernels; kept in import.json for the record)."""
     from jaxseg.config import Config, from_dict
 
     topo = model.topology
@@ -138,58 +133,30 @@ def config_for(model, *, num_channels: int, spacing, store: str, experiment: str
         raise ImportRunError(
             f"features per stage {list(topo.features)} are not min(base * 2**i, max): jaxseg's config cannot "
             "express them (it would need a model.features field)")
-    ks = [tuple(k) for k in topo.kernels]
-    dk = [tuple(k) for k in (model.decoder_kernels if model.decoder_kernels is not None else topo.kernels[:n - 1])]
-    kernels = [tuple(max(a, b) for a, b in zip(ks[i], dk[i])) if i < n - 1 else ks[i] for i in range(n)]
-    adaptations = []
-    if not model.conv_bias:
-        adaptations.append("conv_bias: the torch convolutions have no bias; stored as zeros (config models have "
-                           "biased convolutions)")
-    if model.decoder_block is not None and model.decoder_block != model.block:
-        adaptations.append(f"decoder_block: {model.decoder_block} decoder blocks under a {model.block} encoder; "
-                           "stored as residual blocks with the skip branch zeroed (conv3 kernel, norm3 scale and "
-                           "bias = 0)")
-    changed = [i for i in range(n) if kernels[i] != ks[i] or (i < n - 1 and kernels[i] != dk[i])]
-    if changed:
-        adaptations.append(
-            "decoder_kernels: encoder kernels " + str([list(k) for k in ks]) + " and decoder kernels "
-            + str([list(k) for k in dk]) + " differ; config kernels are their elementwise maximum "
-            + str([list(k) for k in kernels]) + ", the smaller kernels embedded zero-padded (levels "
-            + str(changed) + ")")
     if model.age_head:
         raise ImportRunError("an age head cannot be imported")
+    decoder_block = model.decoder_block if model.decoder_block not in (None, model.block) else "same"
+    decoder_kernels = (None if model.decoder_kernels is None
+                       or tuple(map(tuple, model.decoder_kernels)) == tuple(map(tuple, topo.kernels[:n - 1]))
+                       else [list(k) for k in model.decoder_kernels])
     model_section = dict(
         arch="unet", features_base=fb[0], features_max=fb[1], n_stages=n,
-        strides=[list(s) for s in topo.strides], kernels=[list(k) for k in kernels],
+        strides=[list(s) for s in topo.strides], kernels=[list(k) for k in topo.kernels],
         block=model.block, norm=model.norm, norm_groups=int(model.norm_groups), activation=model.act,
         upsample=model.upsample, deep_supervision=bool(model.deep_supervision),
         num_ds_heads=model.num_ds_heads if model.deep_supervision else None,
-        compute_dtype="float32", conv_impl=model.conv_impl, age_head=False)
+        compute_dtype="float32", conv_impl=model.conv_impl, age_head=False,
+        decoder_block=decoder_block, decoder_kernels=decoder_kernels, conv_bias=bool(model.conv_bias))
     data_section = dict(store=store, num_channels=int(num_channels), num_classes=int(model.num_classes),
                         patch_size=list(topo.patch_size), spacing=None if spacing is None else list(spacing))
     cfg = from_dict(Config, {"experiment": experiment, "data": data_section, "model": model_section},
                     source="import-torch")
-    return cfg, adaptations
-
-
-def _embed(a: np.ndarray, shape: tuple) -> np.ndarray:
-    """A conv kernel (X, Y, Z, I, O) zero-padded and centred to the larger odd spatial `shape`."""
-    pad = []
-    for have, want in zip(a.shape[:3], shape[:3]):
-        extra = want - have
-        if extra < 0 or extra % 2:
-            raise RuntimeError(f"cannot embed kernel {a.shape} in {shape}")
-        pad.append((extra // 2, extra // 2))
-    return np.pad(a, pad + [(0, 0), (0, 0)])
-
-
-_RES_TO_PLAIN = {"conv1": ("block_0", "conv"), "norm1": ("block_0", "norm"),
-                 "conv2": ("block_1", "conv"), "norm2": ("block_1", "norm")}
+    return cfg, []
 
 
 def fit_params(src_model, src_params, dst_model, in_channels: int) -> dict:
-    """The imported parameters rearranged into `dst_model`'s tree (the config-built UNet3D), applying the
-    adaptations `config_for` lists; every destination leaf is accounted for, every source leaf used."""
+    """The imported parameters as `dst_model`'s tree (the config-built UNet3D): the same tree, checked
+    leaf for leaf (every destination leaf present with the same shape, every source leaf used)."""
     import jax
     import jax.numpy as jnp
     from flax import traverse_util
@@ -199,34 +166,15 @@ def fit_params(src_model, src_params, dst_model, in_channels: int) -> dict:
     abstract = jax.eval_shape(lambda x: dst_model.init(jax.random.key(0), x)["params"], x)
     dst = traverse_util.flatten_dict(abstract)
     src = {k: np.asarray(v, np.float32) for k, v in traverse_util.flatten_dict(src_params).items()}
-    plain_decoder = src_model.decoder_block == "plain" and dst_model.block == "residual"
-    out, used = {}, set()
+    out = {}
     for path, leaf in dst.items():
-        shape = tuple(leaf.shape)
-        spath = path
-        zero_skip = False
-        if plain_decoder and path[0].startswith("decoder_") and path[1:3] == ("stage", "res"):
-            if path[3] in _RES_TO_PLAIN:
-                spath = path[:2] + _RES_TO_PLAIN[path[3]] + path[4:]
-            else:  # conv3 / norm3: the residual skip branch, absent in a plain block
-                zero_skip = True
-        if zero_skip:
-            out[path] = np.zeros(shape, np.float32)
-        elif spath in src:
-            a = src[spath]
-            used.add(spath)
-            if a.shape != shape:
-                if path[-1] == "kernel" and a.ndim == 5 and a.shape[3:] == shape[3:]:
-                    a = _embed(a, shape)
-                else:
-                    raise RuntimeError(f"torch import: {'/'.join(path)} has shape {a.shape}, the config model "
-                                       f"{shape}")
-            out[path] = a
-        elif path[-1] == "bias" and spath[:-1] + ("kernel",) in src and not src_model.conv_bias:
-            out[path] = np.zeros(shape, np.float32)  # a conv the torch model has without bias
-        else:
+        if path not in src:
             raise RuntimeError(f"torch import: no source for the config model's parameter {'/'.join(path)}")
-    unused = sorted("/".join(p) for p in src if p not in used)
+        if src[path].shape != tuple(leaf.shape):
+            raise RuntimeError(f"torch import: {'/'.join(path)} has shape {src[path].shape}, the config model "
+                               f"{tuple(leaf.shape)}")
+        out[path] = src[path]
+    unused = sorted("/".join(p) for p in src if p not in dst)
     if unused:
         raise RuntimeError(f"torch import: imported parameters the config model has no place for: {unused}")
     return traverse_util.unflatten_dict({k: jnp.asarray(v) for k, v in out.items()})

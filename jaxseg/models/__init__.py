@@ -37,4 +37,7 @@ def build_model(cfg: Config, spacing=None):
     return UNet3D(num_classes=d.num_classes, topology=model_topology(cfg, spacing), block=m.block, norm=m.norm,
                   norm_groups=m.norm_groups, act=m.activation, upsample=m.upsample,
                   deep_supervision=m.deep_supervision, num_ds_heads=m.num_ds_heads, age_head=m.age_head,
-                  conv_impl=m.conv_impl, dtype=dtype)
+                  age_offset=m.age_offset, age_scale=m.age_scale,
+                  conv_bias=m.conv_bias, conv_impl=m.conv_impl, dtype=dtype,
+                  decoder_block=None if m.decoder_block == "same" else m.decoder_block,
+                  decoder_kernels=None if m.decoder_kernels is None else tuple(tuple(k) for k in m.decoder_kernels))

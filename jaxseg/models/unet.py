@@ -126,6 +126,8 @@ class AgeHead(nn.Module):
 
     features: int = 512
     conv_impl: ConvImpl = "auto"
+    offset: float = 0.0  # output = PReLU(offset + scale * dense): a fixed affine, no parameters
+    scale: float = 1.0
 
     @nn.compact
     def __call__(self, x):
@@ -135,6 +137,7 @@ class AgeHead(nn.Module):
         x = Conv3D(self.features, (3, 3, 3), padding="valid", conv_impl=self.conv_impl, name="conv")(x)
         x = nn.PReLU(negative_slope_init=0.25, name="act_conv")(x)  # torch.nn.PReLU's default slope
         x = nn.Dense(1, name="dense")(x.reshape(x.shape[0], -1))
+        x = self.offset + self.scale * x
         return nn.PReLU(negative_slope_init=0.25, name="act_out")(x)[:, 0]
 
 
@@ -151,6 +154,8 @@ class UNet3D(nn.Module):
     deep_supervision: bool = True
     num_ds_heads: int | None = None  # None: every decoder level
     age_head: bool = False
+    age_offset: float = 0.0  # AgeHead's fixed output affine (see AgeHead)
+    age_scale: float = 1.0
     conv_bias: bool = True
     conv_impl: ConvImpl = "auto"
     dtype: Any = jnp.float32  # compute dtype; parameters stay float32
@@ -179,7 +184,8 @@ class UNet3D(nn.Module):
             name = "bottleneck" if i == n - 1 else f"encoder_{i}"
             x = Stage(topo.features[i], topo.kernels[i], topo.strides[i], name=name, **kw)(x)
             skips.append(x)
-        age = AgeHead(conv_impl=self.conv_impl, name="age_head")(x) if self.age_head else None
+        age = (AgeHead(conv_impl=self.conv_impl, offset=self.age_offset, scale=self.age_scale, name="age_head")(x)
+               if self.age_head else None)
 
         n_heads = (self.num_ds_heads or n - 1) if self.deep_supervision else 1
         if not 1 <= n_heads <= n - 1:

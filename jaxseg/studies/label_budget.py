@@ -31,7 +31,6 @@ import dataclasses
 import json
 import math
 import os
-import shutil
 import time
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
@@ -42,6 +41,7 @@ from jaxseg.evaluation.plots import save_figure
 from jaxseg.config import Config, save_config
 from jaxseg.data.budget import AXES, slice_budget
 from jaxseg.fileio import atomic_path, write_text_atomic
+from jaxseg.studies.common import BACKGROUND, case_dice, evaluate_split, fmt as _fmt, image_folder, tissue_cohort
 
 # (row, data.label_budget.enabled, data.label_budget.axis); the paper's row order.
 SETTINGS = (
@@ -51,9 +51,6 @@ SETTINGS = (
     ("axial", True, "axial"),
     ("full", False, None),
 )
-# Background classes, left out of "Dice (foreground)": on the synthetic tissue labels class 0 only
-# (dHCP's drawem9 would be (0, 4), outer and inner background).
-BACKGROUND = (0,)
 # Paper Table 3, test mean Dice (SPEC section 3; all at 20 epochs).
 PAPER_TABLE3_TEST = {"random": 0.910, "sagittal": 0.900, "coronal": 0.913, "axial": 0.905, "full": 0.852}
 COLUMNS = ("setting", "subjects", "labelled_slices", "labelled_voxels", "val_dice_all", "val_dice_fg",
@@ -92,49 +89,7 @@ def labelled_counts(cfg: Config, shapes: Mapping[str, Sequence[int]], train_ids:
     return {"subjects": len(train_ids), "labelled_slices": slices, "labelled_voxels": voxels}
 
 
-# ---------------------------------------------------------------------------------------- evaluation
-
-
-def case_dice(pred: np.ndarray, ref: np.ndarray, labels: Sequence[int],
-              background: Sequence[int] = BACKGROUND) -> dict:
-    """Per-class Dice of one case and its means over all classes and over the foreground classes
-    (classes absent from both maps are left out of the means)."""
-    from jaxseg.evaluation.metrics import dice_per_class
-
-    per = dice_per_class(pred, ref, labels)
-    fg = [v for k, v in per.items() if k not in set(background)]
-    with np.errstate(all="ignore"):
-        return {"all": float(np.nanmean(list(per.values()))) if per else math.nan,
-                "fg": float(np.nanmean(fg)) if fg else math.nan, "per_class": per}
-
-
-def evaluate_split(pred_dir: Path, references: Mapping[str, Path], labels: Sequence[int],
-                   background: Sequence[int] = BACKGROUND) -> dict:
-    """Mean over cases of `case_dice` for every case of `references` (a missing prediction is an error)."""
-    from jaxseg.data.io import load_nifti
-    from jaxseg.evaluation.evaluate import find_prediction
-
-    rows = []
-    for case, ref_path in sorted(references.items()):
-        pred_path = find_prediction(pred_dir, case)
-        if pred_path is None:
-            raise FileNotFoundError(f"{pred_dir}: no prediction for {case}")
-        pred, _, _ = load_nifti(pred_path)
-        ref, _, _ = load_nifti(ref_path)
-        rows.append(case_dice(np.rint(pred).astype(np.int64), np.rint(ref).astype(np.int64), labels, background))
-    with np.errstate(all="ignore"):
-        return {"all": float(np.nanmean([r["all"] for r in rows])), "fg": float(np.nanmean([r["fg"] for r in rows])),
-                "per_class": {int(k): float(np.nanmean([r["per_class"][k] for r in rows])) for k in labels},
-                "n": len(rows)}
-
-
 # -------------------------------------------------------------------------------------------- output
-
-
-def _fmt(v, digits: int = 3) -> str:
-    if v is None or (isinstance(v, float) and math.isnan(v)):
-        return "nan"
-    return f"{v:.{digits}f}" if isinstance(v, float) else str(v)
 
 
 def table_markdown(rows: Sequence[Mapping], notes: Sequence[str] = ()) -> str:
@@ -218,27 +173,10 @@ def _plot(path: Path, rows: Sequence[Mapping], per_class: Mapping) -> None:
 # ---------------------------------------------------------------------------------------- the study
 
 
-def _image_folder(folder: Path, records) -> Path:
-    """A plain folder of ``CASE_XXXX.nii.gz`` links to `records`' images (what predict reads; the
-    validation cases are training-split cases, which an nnU-Net raw folder cannot select alone)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    for rec in records:
-        for ch, src in enumerate(rec.images):
-            dst = folder / f"{rec.case_id}_{ch:04d}.nii.gz"
-            if not dst.exists():
-                try:
-                    os.symlink(Path(src).resolve(), dst)
-                except OSError:
-                    shutil.copyfile(src, dst)
-    return folder
-
-
 def run_label_budget(cfg: Config, workdir: str | os.PathLike, *, progress: bool = True,
                      log: Callable[[str], None] = print) -> dict:
     from jaxseg.data.datasets import read_dataset
     from jaxseg.data.pipeline import CaseSource
-    from jaxseg.data.prepare import prepare
-    from jaxseg.data.synth import write_cohort
     from jaxseg.inference.runs import predict_with_runs
     from jaxseg.train.loop import kfold_split, limit_cases, train_and_evaluate
 
@@ -247,18 +185,8 @@ def run_label_budget(cfg: Config, workdir: str | os.PathLike, *, progress: bool 
     save_config(cfg, workdir / "config.yaml")
     t_start = time.perf_counter()
     timings: dict[str, float] = {}
-    raw, store_dir = workdir / "data" / "raw", workdir / "data" / "store"
-
-    t = time.perf_counter()
-    if not (raw / "dataset.json").exists():
-        s = cfg.synth
-        write_cohort(raw, s.n_subjects, seed=s.seed, spacing=s.spacing, flavour="tissue", strata=s.strata(),
-                     sites=s.sites, n_test=s.n_test, progress=progress, overwrite=True)
-    timings["synth_s"] = time.perf_counter() - t
-    t = time.perf_counter()
-    prepare(raw, store_dir, progress=progress)
-    timings["prepare_s"] = time.perf_counter() - t
-    cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, dataset=str(raw), store=str(store_dir)))
+    cfg = tissue_cohort(cfg, workdir, progress=progress, timings=timings)
+    raw, store_dir = Path(cfg.data.dataset), Path(cfg.data.store)
 
     dataset = read_dataset(raw)
     labels = {str(k): int(v) for k, v in dataset.labels.items()}
@@ -274,8 +202,8 @@ def run_label_budget(cfg: Config, workdir: str | os.PathLike, *, progress: bool 
     refs = {"val": {c: records[c].label for c in val_ids},
             "test": {c.case_id: c.label for c in dataset.cases if c.split == "test"}}
     # One folder of the validation and test images: one predict call (one compile) per run.
-    eval_images = _image_folder(workdir / "data" / "eval_images",
-                                [records[c] for split in ("val", "test") for c in refs[split]])
+    eval_images = image_folder(workdir / "data" / "eval_images",
+                               [records[c] for split in ("val", "test") for c in refs[split]])
     log(f"label budget: {len(train_ids)} training subjects ({n_full} fully labelled for 'full'), "
         f"{len(val_ids)} validation, {len(refs['test'])} test; "
         f"{cfg.train.epochs * cfg.train.steps_per_epoch} steps per run")

@@ -65,6 +65,21 @@ def kfold_split(case_ids, fold: int | str, num_folds: int = 5, seed: int = 12345
     return [keys[i] for i in range(len(keys)) if i not in val], [keys[i] for i in sorted(val)]
 
 
+def select_cases(case_ids, cfg: Config, store_root) -> tuple[list, list]:
+    """(train, validation) case ids: `data.train_cases` / `data.val_cases` when given (each must be a
+    training case of the store), else the `data.fold` split."""
+    d = cfg.data
+    if d.train_cases is None:
+        return kfold_split(case_ids, d.fold, d.num_folds, d.split_seed)
+    known = set(case_ids)
+    for key, ids in (("train_cases", d.train_cases), ("val_cases", d.val_cases or ())):
+        missing = [c for c in ids if c not in known]
+        if missing:
+            raise TrainingError(f"{store_root}: data.{key} names {len(missing)} case(s) that are not training "
+                                f"cases of the store, e.g. {missing[0]!r}")
+    return sorted(d.train_cases), sorted(d.val_cases or ())
+
+
 def limit_cases(case_ids, max_cases: int | None, seed: int = 12345) -> list:
     """The first `max_cases` of `case_ids` in a random order fixed by `seed` (returned in sorted order);
     all of them when `max_cases` is None or not smaller. Deterministic: the sorted ids are permuted by
@@ -136,18 +151,43 @@ def _mean_foreground_dice(pred: np.ndarray, ref: np.ndarray, num_classes: int) -
     return float(np.mean(scores)) if scores else float("nan")
 
 
+def _val_output(out):
+    """Logits (or (logits, age (n,)) for AgeU-Net) of the highest-resolution head, for validation."""
+    if not hasattr(out, "seg"):
+        return out
+    return out.seg[0] if out.age is None else (out.seg[0], out.age.reshape(-1))
+
+
 def validate(apply_fn, store_root, case_ids, cfg: Config, patch_size) -> dict:
-    """Full-volume sliding-window Dice on stored (preprocessed) validation cases."""
-    dices = []
+    """Full-volume sliding-window Dice on stored (preprocessed) validation cases; with an age head
+    (`apply_fn` returns (logits, age)) also the absolute error of the mean window age."""
+    dices, age_errors = [], []
     for cid in case_ids:
         case = store.open_case(store_root, cid)
         image = np.asarray(case.image.read().result())
         label = np.asarray(case.label.read().result())
-        logits, _ = sliding_window_logits(apply_fn, image, patch_size, cfg.data.num_classes,
-                                          step=cfg.eval.step_size, sigma_scale=cfg.eval.gaussian_sigma,
-                                          window_batch=cfg.eval.window_batch)
+        logits, extra = sliding_window_logits(apply_fn, image, patch_size, cfg.data.num_classes,
+                                              step=cfg.eval.step_size, sigma_scale=cfg.eval.gaussian_sigma,
+                                              window_batch=cfg.eval.window_batch)
         dices.append(_mean_foreground_dice(np.argmax(logits, -1), label, cfg.data.num_classes))
-    return {"val_dice": float(np.nanmean(dices)) if dices else float("nan"), "val_cases": len(dices)}
+        if extra.get("age") is not None and case.meta.get("age") is not None:
+            age_errors.append(abs(float(extra["age"]) - float(case.meta["age"])))
+    out = {"val_dice": float(np.nanmean(dices)) if dices else float("nan"), "val_cases": len(dices)}
+    if age_errors:
+        out["val_age_mae"] = float(np.mean(age_errors))
+    return out
+
+
+def case_ages(source: CaseSource, store_root) -> np.ndarray:
+    """(n,) float32 ages of `source`'s cases for the AgeU-Net target; a case without one is an error."""
+    ages = []
+    for cid, meta in zip(source.case_ids, source.metas):
+        age = meta.get("age")
+        if age is None or not math.isfinite(float(age)):
+            raise TrainingError(f"{store_root}: case {cid!r} has no age (model.age_head needs one per training "
+                                f"case: an 'age' column in the dataset's metadata, then prepare again)")
+        ages.append(float(age))
+    return np.asarray(ages, np.float32)
 
 
 def _shape(x) -> tuple:
@@ -229,7 +269,7 @@ def train_and_evaluate(cfg: Config, workdir: str | os.PathLike, *, max_steps: in
     if not (store_root / "dataset.json").exists():
         raise TrainingError(f"{store_root}: no prepared case store (run `python -m jaxseg.launch prepare`)")
     all_train = CaseSource(store_root, split="train")
-    train_ids, val_ids = kfold_split(all_train.case_ids, cfg.data.fold, cfg.data.num_folds, cfg.data.split_seed)
+    train_ids, val_ids = select_cases(all_train.case_ids, cfg, store_root)
     # data.max_train_cases: fewer training subjects (label budgeting's "full"); validation is unchanged.
     train_ids = limit_cases(train_ids, cfg.data.max_train_cases, cfg.data.split_seed)
     source = CaseSource(store_root, split="train", case_ids=train_ids)
@@ -237,6 +277,8 @@ def train_and_evaluate(cfg: Config, workdir: str | os.PathLike, *, max_steps: in
     sampler_mode = "hardness" if d.enabled and d.mode in ("sampling", "sampling_is") else "uniform"
     sampler = CaseSampler(len(source), mode=sampler_mode, seed=cfg.seed, beta=d.beta, floor=d.prob_floor,
                           init_loss=d.init_loss, case_ids=source.case_ids)
+    # AgeU-Net: each patch regresses its subject's age (store meta "age", from the dataset metadata).
+    ages = case_ages(source, store_root) if cfg.model.arch == "unet" and cfg.model.age_head else None
     topology = model_topology(cfg)
     patch = topology.patch_size if cfg.model.arch == "unet" else cfg.data.patch_size
     aug = PRESETS[cfg.data.augment]
@@ -348,6 +390,8 @@ def train_and_evaluate(cfg: Config, workdir: str | os.PathLike, *, max_steps: in
         while step < stop_at:
             batch = next(iterator)
             feed = {k: batch[k] for k in ("image", "label", "mask", "case_index")}
+            if ages is not None:
+                feed["age"] = ages[np.asarray(batch["case_index"])]
             table = jnp.asarray(sampler.table, jnp.float32)
             if cfg.train.parallel == "pmap":
                 state, metrics = train_step(state, split_for_pmap(feed, jax.local_device_count()), step_key, table)
@@ -406,8 +450,7 @@ def train_and_evaluate(cfg: Config, workdir: str | os.PathLike, *, max_steps: in
                 save(step)
             if val_ids and (step % (cfg.train.val_every * cfg.train.steps_per_epoch) == 0 or step == total_steps):
                 params = host_state(state).params
-                apply_fn = jax.jit(lambda x: model.apply({"params": params}, x).seg[0]
-                                   if cfg.model.arch == "unet" else model.apply({"params": params}, x))
+                apply_fn = jax.jit(lambda x: _val_output(model.apply({"params": params}, x)))
                 val = validate(apply_fn, store_root, val_ids, cfg, patch)
                 metric_log.write(step, **val)
                 if val["val_dice"] > best["val_dice"]:
