@@ -360,7 +360,7 @@ class TrainConfig(_Section):
     # outwards. null = ordinary training; "full" trains everything too (the same updates; kept as the
     # default because configs/base.yaml spells it out).
     finetune: Literal["none", "shallow", "medium", "deep", "full"] | None = "full"
-    init_from: str | None = None  # checkpoint dir or params file to start from; null = random init
+    init_from: str | None = None  # a run, its ckpt/ or best/ dir, or one step dir to start from; null = random init
 
     def _validate(self) -> None:
         for name in ("epochs", "steps_per_epoch", "checkpoint_every", "keep_checkpoints", "val_every", "log_every"):
@@ -369,13 +369,13 @@ class TrainConfig(_Section):
         _check(self.max_nonfinite >= 0, "max_nonfinite", f"must be >= 0, got {self.max_nonfinite}")
         if self.init_from is not None:
             _check(bool(self.init_from.strip()), "init_from",
-                   "must be a checkpoint dir or params file, or null (got an empty string)")
+                   "must be a run or checkpoint directory, or null (got an empty string)")
         if self.finetune in ("none", "shallow", "medium", "deep"):
             _check(
                 self.init_from is not None,
                 "finetune",
                 f"{self.finetune!r} freezes pre-trained stages, so it needs train.init_from (the checkpoint "
-                f"or params file to start from); use full or null to train from scratch",
+                f"directory to start from); use full or null to train from scratch",
                 "init_from",
             )
 

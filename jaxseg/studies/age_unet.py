@@ -237,7 +237,8 @@ def run_age_study(cfg: Config, workdir: str | os.PathLike, *, progress: bool = T
              f"({baseline:.2f} weeks) for every test case.",
              "Paper (dHCP, 60 epochs): AgeU-Net test Dice 0.866 (foreground) vs 0.917 for the U-Net; validation MSE "
              "2.45 / MAE 1.57 weeks, but on the test set the head predicted about the mean age.",
-             f"Total {timings['total_s'] / 60:.1f} min."]
+             f"Total {timings['total_s'] / 60:.1f} min for this invocation "
+             "(a rerun skips the stages already complete)."]
     paths = write_table(workdir, rows, ages=ages, true_ages=true_ages, baseline=baseline, timings=timings,
                         info=info, notes=notes)
     return {"rows": rows, "timings": timings, **{k: str(v) for k, v in paths.items()}}

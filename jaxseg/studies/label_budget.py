@@ -249,6 +249,7 @@ def run_label_budget(cfg: Config, workdir: str | os.PathLike, *, progress: bool 
              f"Mean Dice over {len(val_ids)} validation and {len(refs['test'])} test cases with each run's best "
              f"checkpoint; 'all classes' includes the background (class 0), 'foreground' leaves it out. "
              f"Paper: Richter & Fetit Table 3 (dHCP, 20 epochs).",
-             f"Total {timings['total_s'] / 60:.1f} min."]
+             f"Total {timings['total_s'] / 60:.1f} min for this invocation "
+             "(a rerun skips the stages already complete)."]
     paths = write_table(workdir, rows, per_class=per_class, timings=timings, info=info, notes=notes)
     return {"rows": rows, "per_class": per_class, "timings": timings, **{k: str(v) for k, v in paths.items()}}

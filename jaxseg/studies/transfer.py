@@ -134,6 +134,13 @@ def summarise(runs: Mapping[str, Sequence[Mapping]], class_names: Mapping[int, s
 # -------------------------------------------------------------------------------------------- output
 
 
+def _p(p: float | None) -> str:
+    """A p-value: four decimals, or two significant digits below 1e-3."""
+    if p is None or math.isnan(p):
+        return "nan"
+    return f"{p:.4f}" if p >= 1e-3 or p == 0 else f"{p:.1e}"
+
+
 def _cell(s: Mapping, key: str) -> str:
     m, sd = s["mean"][key], s["sd"][key]
     return f"{m:.3f}" if math.isnan(sd) else f"{m:.3f} ± {sd:.3f}"
@@ -155,7 +162,7 @@ def table_markdown(summary: Mapping, class_names: Mapping[int, str], tests: Mapp
         lines += ["", f"### Bonferroni-corrected p-values, Welch t-tests on per-case Dice, {title}", "",
                   "| | " + " | ".join(names[1:]) + " |", "|:---|" + "---:|" * (len(names) - 1)]
         for i, a in enumerate(names[:-1]):
-            cells = [(fmt(tests[what].get((a, b)), 4) if j > i else "") for j, b in enumerate(names) if j >= 1]
+            cells = [(_p(tests[what].get((a, b))) if j > i else "") for j, b in enumerate(names) if j >= 1]
             lines.append(f"| {a} | " + " | ".join(cells) + " |")
     return "\n".join(lines + ([""] + list(notes) if notes else [])) + "\n"
 
@@ -293,7 +300,8 @@ def run_transfer_study(cfg: Config, workdir: str | os.PathLike, *, progress: boo
              "Paper (dHCP): deeper fine-tuning beat shallower; shallow was clearly worst; fine-tuned models beat the "
              "model trained from scratch on 40 preterm subjects overall (scratch won on the cerebellum, the "
              "untuned model on WM); more trainable parameters gave more variability.",
-             f"Total {timings['total_s'] / 60:.1f} min."]
+             f"Total {timings['total_s'] / 60:.1f} min for this invocation "
+             "(a rerun skips the stages already complete)."]
     record = {"roles": roles, "runs": runs, "timings": timings, "age_effect_pearson_r": corr,
               "pretrain_best": pre["best"], "labels": labels}
     paths = write_outputs(workdir, summary, class_names, tests, record, notes)
