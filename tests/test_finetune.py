@@ -219,5 +219,5 @@ def test_config_fields():
     with pytest.raises(ConfigError, match=r"train\.finetune: expected one of 'none', 'shallow', 'medium', 'deep', "
                                           r"'full' or null, got 'bottleneck'"):
         load_config(None, ["train.finetune=bottleneck"])
-    with pytest.raises(ConfigError, match=r"TrainConfig\.init_from: must be a checkpoint dir"):
+    with pytest.raises(ConfigError, match=r"TrainConfig\.init_from: must be a run or checkpoint directory"):
         TrainConfig(init_from="  ")
