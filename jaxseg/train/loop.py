@@ -29,6 +29,7 @@ from jaxseg.data.augment import PRESETS
 from jaxseg.data.budget import slice_mask
 from jaxseg.data.pipeline import CaseSampler, CaseSource, PatchBatchIterator
 from jaxseg.fileio import write_text_atomic
+from jaxseg.inference.predict import make_apply_fn
 from jaxseg.inference.sliding_window import sliding_window_logits
 from jaxseg.losses import dro as dro_math
 from jaxseg.models import build_model, model_topology
@@ -149,13 +150,6 @@ def _mean_foreground_dice(pred: np.ndarray, ref: np.ndarray, num_classes: int) -
         if p.any() or r.any():
             scores.append(2.0 * np.logical_and(p, r).sum() / (p.sum() + r.sum()))
     return float(np.mean(scores)) if scores else float("nan")
-
-
-def _val_output(out):
-    """Logits (or (logits, age (n,)) for AgeU-Net) of the highest-resolution head, for validation."""
-    if not hasattr(out, "seg"):
-        return out
-    return out.seg[0] if out.age is None else (out.seg[0], out.age.reshape(-1))
 
 
 def validate(apply_fn, store_root, case_ids, cfg: Config, patch_size) -> dict:
@@ -450,7 +444,9 @@ def train_and_evaluate(cfg: Config, workdir: str | os.PathLike, *, max_steps: in
                 save(step)
             if val_ids and (step % (cfg.train.val_every * cfg.train.steps_per_epoch) == 0 or step == total_steps):
                 params = host_state(state).params
-                apply_fn = jax.jit(lambda x: _val_output(model.apply({"params": params}, x)))
+                # predict's apply_fn: the highest-resolution logits (and ages); one compiled program for
+                # every validation, the parameters are an argument
+                apply_fn = make_apply_fn(model, {"params": params})
                 val = validate(apply_fn, store_root, val_ids, cfg, patch)
                 metric_log.write(step, **val)
                 if val["val_dice"] > best["val_dice"]:
