@@ -1,5 +1,10 @@
 # Set-up and entry points. Every target installs what it needs into .venv first.
-PY ?= python3
+# jax >= 0.12 (oneDNN convolutions on CPU) needs Python >= 3.12: PY is the first of python3.12, python3.13,
+# python3 and pyenv's installed 3.12+ versions that runs and is 3.12 or newer (pyenv's shims refuse to run
+# a version pyenv has not selected, so they are skipped). Override with `make PY=/path/to/python test`.
+PY ?= $(shell for p in python3.12 python3.13 python3 \
+	  $$(ls -d "$$(pyenv root 2>/dev/null || echo $$HOME/.pyenv)"/versions/3.1[2-9]*/bin/python 2>/dev/null | sort -V); do \
+	  "$$p" -c 'import sys; sys.exit(sys.version_info < (3, 12))' >/dev/null 2>&1 && { command -v "$$p"; break; }; done)
 VENV ?= .venv
 BIN := $(VENV)/bin
 XLA_TEST_FLAGS := --xla_force_host_platform_device_count=8
@@ -7,11 +12,12 @@ XLA_TEST_FLAGS := --xla_force_host_platform_device_count=8
 .PHONY: install test bench-models demo
 
 $(BIN)/activate:
+	@test -n "$(PY)" || { echo "jaxseg needs Python >= 3.12 (jax >= 0.12); none found on PATH or under pyenv. Install one (e.g. 'pyenv install 3.12') or pass PY=/path/to/python3.12" >&2; exit 1; }
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 
-# torch==2.13.0 first: on the project's CPU machines pip takes that CPU build from the local disk, and the
-# test extra's torch>=2.5 is then already met (a bare `torch` would pull a multi-GB CUDA build).
+# On Python 3.12 the registry's torch is its CUDA build (about 50 s to install here); it runs the parity
+# tests on the CPU. dynamic-network-architectures with --no-deps: its timm -> torchvision chain is not needed.
 $(VENV)/.installed: $(BIN)/activate pyproject.toml
 	$(BIN)/pip install -q "torch==2.13.0"
 	$(BIN)/pip install -q -e ".[test]"

@@ -40,8 +40,30 @@ def environment() -> dict:
         "backend": jax.default_backend(),
         "devices": [str(d.device_kind) for d in jax.devices()],
         "xla_flags": os.environ.get("XLA_FLAGS", ""),
+        "jaxseg_runtime": _runtime_record(),
         "versions": versions,
     }
+
+
+def _runtime_record() -> dict | None:
+    try:
+        from jaxseg import runtime
+    except ImportError:
+        return None
+    return runtime.record()
+
+
+def set_strided(name: str | None) -> str:
+    """Force the strided-convolution formulation (`space_to_depth` | `native`) for this process's backend;
+    None or "default" keeps the library's choice. Returns the formulation in effect."""
+    import jax
+
+    from jaxseg.models.layers import STRIDED_CONV
+
+    backend = jax.default_backend()
+    if name and name != "default":
+        STRIDED_CONV[backend] = name
+    return STRIDED_CONV.get(backend, "native")
 
 
 def timeit(fn, *args, repeats: int = 3) -> dict:

@@ -1,4 +1,5 @@
-"""The CPU convolution gap: 3D convolution forward + backward in PyTorch and in JAX (both conv_impl),
+"""The CPU convolution gap: 3D convolution forward + backward in PyTorch and in JAX (each strided-conv
+formulation of jaxseg.models.layers),
 for one reference layer under XLA flag variants, and for every distinct conv layer of the U-Net.
 
     python benchmarks/conv_cpu.py --out benchmarks/results/conv_cpu.json
@@ -7,10 +8,10 @@ for one reference layer under XLA flag variants, and for every distinct conv lay
    backward = y = conv(x, w) and the input and weight gradients for a fixed output cotangent (jax:
    `jax.vjp`, y returned too so the forward is not dead code; torch: `y.backward(ct)`).
    - torch: NCDHW (contiguous) and NDHWC (channels_last_3d memory format);
-   - jax: conv_impl xla (lax.conv_general_dilated, NDHWC/DHWIO) and im2col (jaxseg's), once per
-     XLA_FLAGS variant (--xla-variants; default: none, --xla_cpu_use_onednn=true,
-     --xla_cpu_experimental_onednn_custom_call=true, and both --xla_cpu_use_onednn=true and
-     --xla_cpu_experimental_onednn_fusion_type=dot, which sends im2col's matmuls to oneDNN).
+   - jax: jaxseg's conv3d (lax.conv_general_dilated, NDHWC/DHWIO), once per XLA_FLAGS variant
+     (--xla-variants; default: none, and the oneDNN pair jaxseg sets: --xla_cpu_use_onednn=true
+     --xla_cpu_experimental_onednn_custom_call=true). JAXSEG_ONEDNN=0 in every jax worker, so that a
+     variant's flags are exactly what XLA sees.
      Each variant runs in its own process: XLA aborts the process on a flag it does not know (or a
      value it does not accept), which is recorded as "rejected" (probed first); for an accepted
      variant the JSON says which library fusions the compiled HLO holds (onednn, ynn_fusion: jaxlib
@@ -18,7 +19,8 @@ for one reference layer under XLA flag variants, and for every distinct conv lay
 2. Per layer: every distinct convolution shape of benchmarks/train_step_vs_torch.py's U-Net (nnU-Net's
    PlainConvUNet planned for --unet-size^3, features 32..320, batch --batch): encoder convs (the
    strided first conv of each stage), decoder convs (on the concatenated skip: 2C -> C), with how often
-   each occurs in one forward pass; jax xla vs im2col vs torch (NCDHW; and NDHWC with
+   each occurs in one forward pass; jax per strided formulation (--strided: native, space_to_depth,
+   space_to_depth_grad; stride-1 layers once) vs torch (NCDHW; and NDHWC with
    --layer-torch-layouts). The first layer (1 input channel) computes the weight gradient only, as in
    training. Transposed convs and the 1x1x1 head are not convolutions in jaxseg (matmuls) and are left
    out. --layer-xla-variants repeats the jax part under other flag variants.
@@ -44,8 +46,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 import train_step_vs_torch as ts  # noqa: E402
 
-DEFAULT_VARIANTS = (";--xla_cpu_use_onednn=true;--xla_cpu_experimental_onednn_custom_call=true"
-                    ";--xla_cpu_use_onednn=true --xla_cpu_experimental_onednn_fusion_type=dot")
+DEFAULT_VARIANTS = ";--xla_cpu_use_onednn=true --xla_cpu_experimental_onednn_custom_call=true"
 
 
 def _timed(fn, repeats: int, sync) -> dict:
@@ -114,17 +115,17 @@ def worker_jax(spec: dict) -> dict:
         w = jnp.asarray((rng.standard_normal((*k, cin, cout)) / np.sqrt(cin * np.prod(k))).astype(np.float32))
         oshape = [n, *(-(-d // st) for d, st in zip((X, Y, Z), s)), cout]
         ct = jnp.asarray(rng.standard_normal(oshape, np.float32))
-        for impl in spec["impls"]:
+        for impl in spec["impls"] if s != (1, 1, 1) else spec["impls"][:1]:
             if layer["input_grad"]:
                 def fb(x, w, ct, impl=impl):
-                    y, vjp = jax.vjp(lambda x, w: conv3d(x, w, s, impl), x, w)
+                    y, vjp = jax.vjp(lambda x, w: conv3d(x, w, s, strided=impl), x, w)
                     return (y, *vjp(ct))
             else:
                 def fb(x, w, ct, impl=impl):
-                    y, vjp = jax.vjp(lambda w: conv3d(x, w, s, impl), w)
+                    y, vjp = jax.vjp(lambda w: conv3d(x, w, s, strided=impl), w)
                     return (y, *vjp(ct))
             f = jax.jit(fb)
-            case = {**layer, "framework": "jax", "conv_impl": impl}
+            case = {**layer, "framework": "jax", "strided": impl if s != (1, 1, 1) else None}
             try:
                 hlo = f.lower(x, w, ct).compile().as_text() or ""
                 case["hlo_calls_onednn"] = "onednn" in hlo.lower()
@@ -134,7 +135,7 @@ def worker_jax(spec: dict) -> dict:
             except Exception as e:  # noqa: BLE001 -- e.g. out of memory: record and go on
                 case["error"] = f"{type(e).__name__}: {str(e)[:300]}"
             out["cases"].append(case)
-            print(json.dumps({k: case.get(k) for k in ("where", "conv_impl", "median_s")}), flush=True)
+            print(json.dumps({k: case.get(k) for k in ("where", "strided", "median_s")}), flush=True)
     return out
 
 
@@ -204,7 +205,8 @@ def main() -> None:
     ap.add_argument("--channels", type=int, default=32, help="reference layer: channels in = out")
     ap.add_argument("--batch", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--impls", default="xla,im2col")
+    ap.add_argument("--strided", default="native,space_to_depth,space_to_depth_grad",
+                    help="strided-conv formulations for strided layers")
     ap.add_argument("--xla-variants", default=DEFAULT_VARIANTS,
                     help="';'-separated XLA_FLAGS values for the reference layer (empty = none)")
     ap.add_argument("--torch-layouts", default="NCDHW,NDHWC")
@@ -227,12 +229,12 @@ def main() -> None:
     from common import environment, write_json
 
     script = Path(__file__)
-    impls = args.impls.split(",")
+    impls = args.strided.split(",")
     ref = reference_layer(args)
     layers = unet_layers(args.unet_size, args.batch, args.features_base) if args.unet_size else []
     base_flags = os.environ.get("XLA_FLAGS", "")
     payload = {"benchmark": "conv_cpu", "environment": environment(),
-               "settings": {"reference_layer": ref, "repeats": args.repeats, "impls": impls,
+               "settings": {"reference_layer": ref, "repeats": args.repeats, "strided": impls,
                             "unet_size": args.unet_size, "features_base": args.features_base,
                             "batch": args.batch, "dtype": "float32",
                             "what": "forward + input and weight gradients (weight only for the first layer)"},
@@ -242,7 +244,8 @@ def main() -> None:
         write_json(args.out, payload)
 
     def jax_env(flags: str) -> dict:
-        return {"XLA_FLAGS": " ".join(f for f in (base_flags, flags) if f), "JAX_PLATFORMS": "cpu"}
+        return {"XLA_FLAGS": " ".join(f for f in (base_flags, flags) if f), "JAX_PLATFORMS": "cpu",
+                "JAXSEG_ONEDNN": "0"}
 
     # 1. the reference layer: torch layouts, then jax per XLA flag variant
     r = ts.run_worker(script, {"framework": "torch", "layers": [ref], "layouts": args.torch_layouts.split(","),
@@ -260,12 +263,12 @@ def main() -> None:
             payload["reference"].append({"framework": "jax", "xla_flags": flags, "rejected": probe["why"]})
             flush()
             continue
-        for impl in impls:  # one process each: a variant may crash XLA (SIGILL in oneDNN fusion compile)
+        for impl in impls[:1]:  # the reference layer has stride 1: one formulation
             r = ts.run_worker(script, {"framework": "jax", "layers": [ref], "impls": [impl],
                                        "repeats": args.repeats}, args.timeout, env_extra=jax_env(flags))
-            for c in r.get("cases", [{"framework": "jax", "conv_impl": impl, "error": r.get("error")}]):
+            for c in r.get("cases", [{"framework": "jax", "strided": impl, "error": r.get("error")}]):
                 payload["reference"].append({**c, "xla_flags": flags})
-                print(f"reference jax {c.get('conv_impl')} XLA_FLAGS={flags!r}", _fmt(c),
+                print(f"reference jax {c.get('strided') or ''} XLA_FLAGS={flags!r}", _fmt(c),
                       f"HLO library fusions {c.get('hlo_library_fusions')}", flush=True)
             flush()
 
@@ -304,7 +307,7 @@ def layer_table(cases: list[dict]) -> str:
     for c in cases:
         if "median_s" not in c:
             continue
-        col = (f"jax {c['conv_impl']}" + (f" [{c['xla_flags']}]" if c.get("xla_flags") else "")
+        col = (f"jax {c.get('strided') or 'conv'}" + (f" [{c['xla_flags']}]" if c.get("xla_flags") else "")
                if c["framework"] == "jax" else f"torch {c['layout']}")
         if col not in cols:
             cols.append(col)

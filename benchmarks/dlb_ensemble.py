@@ -39,7 +39,6 @@ def main() -> None:
     ap.add_argument("--paper", action="store_true", help="the paper's sizes (needs a GPU)")
     ap.add_argument("--groups", default="5,25,75", help="group sizes for inference and the train step")
     ap.add_argument("--repeats", type=int, default=2)
-    ap.add_argument("--conv-impl", default="auto", help="auto | xla | im2col (the CPU ablation uses im2col)")
     ap.add_argument("--skip-loop", action="store_true")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
@@ -48,14 +47,14 @@ def main() -> None:
         grid, base = reference_grid(), 24
     else:
         grid, base = make_grid((57, 70, 56), 24, 5), 4
-    model = CompactUNet(num_classes=2, features=tuple(base * 2**i for i in range(5)), conv_impl=args.conv_impl)
+    model = CompactUNet(num_classes=2, features=tuple(base * 2**i for i in range(5)))
     params = ens.init_stacked(model, jax.random.PRNGKey(0), grid.n_networks, grid.tile + (2,))
     vol = jax.random.normal(jax.random.PRNGKey(1), grid.shape + (2,))
     result = {"env": environment(), "setting": "paper" if args.paper else "cpu_reduced",
               "volume": list(grid.shape), "tile": list(grid.tile), "tiles": grid.n_tiles,
               "networks": grid.n_networks, "features": list(model.features),
               "params_per_network": sum(int(x.size) // grid.n_networks for x in jax.tree.leaves(params)),
-              "conv_impl": args.conv_impl, "inference": [], "train_step": []}
+              "inference": [], "train_step": []}
     out = args.out
 
     groups = [int(g) for g in args.groups.split(",")]

@@ -67,7 +67,7 @@ def worker_jaxseg(spec: dict) -> dict:
 
     roi = (spec["roi"],) * 3
     vol = _volume(spec["size"], spec["seed"])
-    model, params = ts.jax_unet(ts.load_npz(spec["weights"]), spec["arch"], roi, conv_impl=spec["conv_impl"],
+    model, params = ts.jax_unet(ts.load_npz(spec["weights"]), spec["arch"], roi, strided=spec["strided"],
                                 dtype="float32")
     apply_fn = make_apply_fn(model, {"params": jax.device_put(params)})
     imap = None if spec["native_maps"] else _monai_map(spec["roi"], spec["mode"])
@@ -163,7 +163,7 @@ def worker_parity(spec: dict) -> dict:
     tm.load_state_dict({k: torch.from_numpy(v) for k, v in w.items()})
     with torch.no_grad():
         t = tm.eval()(torch.from_numpy(np.ascontiguousarray(x.transpose(0, 4, 1, 2, 3)))).numpy()
-    model, params = ts.jax_unet(w, spec["arch"], roi, conv_impl=spec["conv_impl"], dtype="float32")
+    model, params = ts.jax_unet(w, spec["arch"], roi, strided=spec["strided"], dtype="float32")
     j = np.asarray(jax.jit(lambda p, x: model.apply({"params": p}, x).seg[0])(params, x))
     return {"max_abs_logit_diff": float(np.abs(j - t.transpose(0, 2, 3, 4, 1)).max()),
             "max_abs_logit": float(np.abs(t).max()), "n_params": int(sum(v.size for v in jax.tree.leaves(params))),
@@ -201,7 +201,9 @@ def main() -> None:
     ap.add_argument("--overlap", type=float, default=0.5)
     ap.add_argument("--mode", choices=("gaussian", "constant"), default="gaussian")
     ap.add_argument("--native-maps", action="store_true", help="each framework its own Gaussian map")
-    ap.add_argument("--conv-impl", default="auto", help="jaxseg conv_impl")
+    ap.add_argument("--strided", default="default",
+                    help="jaxseg strided-conv formulation: default (the library's), native, space_to_depth, "
+                         "space_to_depth_grad")
     ap.add_argument("--repeats", type=int, default=1, help="whole-volume runs after the first call (median)")
     ap.add_argument("--frameworks", default="jaxseg,monai")
     ap.add_argument("--torch-threads", type=int, default=0)
@@ -230,13 +232,13 @@ def main() -> None:
                             "features_base": fb, "num_classes": ts.NUM_CLASSES, "in_channels": ts.IN_CHANNELS,
                             "sw_batch": args.sw_batch, "overlap": args.overlap, "mode": args.mode,
                             "sigma_scale": 0.125, "same_importance_map": not args.native_maps,
-                            "conv_impl": args.conv_impl, "repeats": args.repeats, "dtype": "float32"},
+                            "strided": args.strided, "repeats": args.repeats, "dtype": "float32"},
                "parity": None, "results": [], "agreement": None}
     vox = size ** 3
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         base = dict(arch=arch, size=size, roi=args.roi, seed=args.seed, device=args.device, sw_batch=args.sw_batch,
-                    overlap=args.overlap, mode=args.mode, native_maps=args.native_maps, conv_impl=args.conv_impl,
+                    overlap=args.overlap, mode=args.mode, native_maps=args.native_maps, strided=args.strided,
                     repeats=args.repeats, threads=args.torch_threads,
                     weights=str(ts.make_weights(arch, tmp, args.seed)))
         script = Path(__file__)

@@ -35,36 +35,42 @@ def _where(d: dict, path: Path) -> str:
             + (f", load {load[0]:.1f}" if load else "") + f", {env.get('date', '')}")
 
 
+def _strided(r: dict) -> str:
+    if r.get("framework") != "jaxseg":
+        return ""
+    return r.get("strided") or ""
+
+
 def train_table(d: dict, path: Path) -> str:
     s = d["settings"]
     lines = [f"**Training step** ({s['device']}, {'x'.join(map(str, s['shape']))} x batch {s['batch']}, "
              f"features {s['arch']['features_per_stage']}; {s['loss']}; {s['optimizer']}) -- {_where(d, path)}"]
     p = d.get("parity") or {}
-    if "per_conv_impl" in p:
-        diffs = ", ".join(f"{k} {v['max_abs_logit_diff']:.1e}" for k, v in p["per_conv_impl"].items())
+    if "per_strided" in p:
+        diffs = ", ".join(f"{k} {v['max_abs_logit_diff']:.1e}" for k, v in p["per_strided"].items())
         lines.append(f"Same model: {p['n_params']:,} parameters; max abs logit difference jaxseg vs torch (fp32, "
                      f"max |logit| {p['max_abs_logit']:.2f}): {diffs}.")
     lp = d.get("loss_parity_fp32_first_steps")
     if lp:
-        lines.append("Losses of the first steps (fp32): jaxseg " + ", ".join(f"{v:.5f}" for v in lp["jaxseg_xla"])
+        lines.append("Losses of the first steps (fp32): jaxseg " + ", ".join(f"{v:.5f}" for v in lp["jaxseg"])
                      + "; torch " + ", ".join(f"{v:.5f}" for v in lp["torch"]) + ".")
     lines.append("")
     mfu = any("mfu" in r for r in d["results"])
-    head = ["framework", "dtype", "conv_impl", "step (s, median)", "first call (s)", "volumes/s", "Mvoxels/s",
+    head = ["framework", "dtype", "strided convs", "step (s, median)", "first call (s)", "volumes/s", "Mvoxels/s",
             "peak mem (GiB)", "time / torch eager", "time / torch.compile"] + (["MFU"] if mfu else [])
     lines += ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
     ref = {(r["framework"], r["dtype"]): r.get("median_s") for r in d["results"] if r["framework"] != "jaxseg"}
     for r in d["results"]:
         name = {"torch_compile": "torch.compile", "torch": "torch eager"}.get(r["framework"], r["framework"])
         if "median_s" not in r:
-            cells = [name, r["dtype"], r.get("conv_impl") or "", f"failed: {str(r.get('error'))[:60]}"]
+            cells = [name, r["dtype"], _strided(r), f"failed: {str(r.get('error'))[:60]}"]
             cells += [""] * (len(head) - len(cells))
         else:
             ratios = []
             for fw in ("torch", "torch_compile"):
                 t = ref.get((fw, r["dtype"]))
                 ratios.append(_f(r["median_s"] / t) if t else "-")
-            cells = [name, r["dtype"], r.get("conv_impl") or "", _f(r["median_s"], ".3f"), _f(r["first_call_s"], ".1f"),
+            cells = [name, r["dtype"], _strided(r), _f(r["median_s"], ".3f"), _f(r["first_call_s"], ".1f"),
                      _f(r.get("volumes_per_s")), _f((r.get("voxels_per_s") or 0) / 1e6), _gib(r.get("peak_mem_bytes")),
                      *ratios] + ([_f(r.get("mfu"), ".1%")] if mfu else [])
         lines.append("| " + " | ".join(cells) + " |")
@@ -110,12 +116,12 @@ def conv_table(d: dict, path: Path) -> str:
     rows = d["reference"]
     torch_ref = next((r.get("median_s") for r in rows if r.get("framework") == "torch"
                       and r.get("layout") == "NCDHW" and "median_s" in r), None)
-    head = ["framework", "impl / layout", "XLA_FLAGS", "ms (median)", "first call (ms)", "time / torch NCDHW",
+    head = ["framework", "layout", "XLA_FLAGS", "ms (median)", "first call (ms)", "time / torch NCDHW",
             "library fusions in HLO"]
     lines += ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
     for r in rows:
         flags = f"`{r['xla_flags']}`" if r.get("xla_flags") else ("" if r.get("framework") == "torch" else "(none)")
-        what = r.get("conv_impl") or r.get("layout") or ""
+        what = r.get("layout") or ("NDHWC" if r.get("framework") == "jax" else "")
         if "median_s" in r:
             cells = [r["framework"], what, flags, _f(r["median_s"] * 1e3, ".1f"), _f(r["first_call_s"] * 1e3, ".0f"),
                      _f(r["median_s"] / torch_ref) if torch_ref else "-",

@@ -9,7 +9,7 @@ the nnU-Net topology jaxseg plans for the patch, as benchmarks/model_cpu.py uses
 features 32-64-128-256-320, 3x3x3 kernels, conv bias, InstanceNorm affine, LeakyReLU(0.01), 8 classes,
 1 input channel) and its weights are imported into jaxseg's UNet3D with jaxseg.interop.torch_import,
 so both frameworks train the same network from the same weights; the JSON records the max abs
-difference of their logits on the benchmark batch (fp32, per conv_impl) and the losses of the first
+difference of their logits on the benchmark batch (fp32, per strided-conv formulation) and the losses of the first
 steps in both frameworks.
 
 Training step, identical in both: forward, loss = cross-entropy - soft Dice (nnU-Net's DC_and_CE,
@@ -19,7 +19,7 @@ bfloat16: jaxseg computes in bf16 with fp32 parameters (model.compute_dtype); to
 under torch.autocast(bfloat16) with fp32 parameters (no grad scaler: bf16 does not need one); both
 compute the loss in fp32.
 
-Each configuration (framework x dtype x conv_impl) runs in its own subprocess, so peak memory is its
+Each configuration (framework x dtype x strided-conv formulation) runs in its own subprocess, so peak memory is its
 own. CPU: peak RSS of the timed steps (VmHWM, reset after the first call and warm-up) minus the RSS
 after imports, model and data set-up; the whole-process peak (compilation included) is recorded too.
 GPU: jax `memory_stats()["peak_bytes_in_use"]`, torch `max_memory_allocated()` (both include
@@ -107,14 +107,18 @@ def load_npz(path) -> dict:
         return {k: f[k] for k in f.files}
 
 
-def jax_unet(weights: dict, arch: dict, size, *, conv_impl: str, dtype: str, deep_supervision: bool = False):
-    """(UNet3D, params) imported from the torch weights."""
+def jax_unet(weights: dict, arch: dict, size, *, strided: str | None, dtype: str, deep_supervision: bool = False):
+    """(UNet3D, params) imported from the torch weights; `strided` forces the strided-conv formulation."""
     import jax.numpy as jnp
 
     from jaxseg.interop.torch_import import import_plain_conv_unet
 
+    sys.path.insert(0, str(HERE))
+    from common import set_strided
+
+    set_strided(strided)
     return import_plain_conv_unet(weights, input_channels=IN_CHANNELS, num_classes=NUM_CLASSES,
-                                  deep_supervision=deep_supervision, patch_size=size, conv_impl=conv_impl,
+                                  deep_supervision=deep_supervision, patch_size=size,
                                   dtype=jnp.bfloat16 if dtype == "bfloat16" else jnp.float32, **arch)
 
 
@@ -284,7 +288,7 @@ def worker_jax(spec: dict) -> dict:
     arch, size, bsz = spec["arch"], tuple(spec["size"]), spec["batch"]
     x, y = batch(size, bsz, spec["seed"])
     weights = load_npz(spec["weights"])
-    model, params = jax_unet(weights, arch, size, conv_impl=spec["conv_impl"], dtype=spec["dtype"])
+    model, params = jax_unet(weights, arch, size, strided=spec["strided"], dtype=spec["dtype"])
     loss_fn = jax_loss_fn()
     opt = optax.sgd(LR, momentum=MOMENTUM, nesterov=True)
     dev = jax.devices()[0]
@@ -402,7 +406,7 @@ def worker_torch(spec: dict) -> dict:
 
 
 def worker_parity(spec: dict) -> dict:
-    """fp32 logits of the torch model and of the imported jaxseg model (each conv_impl) on the batch."""
+    """fp32 logits of the torch model and of the imported jaxseg model (each strided formulation) on the batch."""
     if spec["device"] == "cpu":
         os.environ.setdefault("JAX_PLATFORMS", "cpu")
     import jax
@@ -419,12 +423,12 @@ def worker_parity(spec: dict) -> dict:
         t_logits = model.eval()(torch.from_numpy(np.ascontiguousarray(x.transpose(0, 4, 1, 2, 3))))
         t_loss = float(torch_loss(t_logits, torch.from_numpy(y.astype(np.int64))))
     t_logits = t_logits.numpy().transpose(0, 2, 3, 4, 1)
-    out = {"max_abs_logit": float(np.abs(t_logits).max()), "torch_loss": t_loss, "per_conv_impl": {}}
+    out = {"max_abs_logit": float(np.abs(t_logits).max()), "torch_loss": t_loss, "per_strided": {}}
     loss_fn = jax_loss_fn()
     for impl in spec["impls"]:
-        jm, params = jax_unet(weights, arch, size, conv_impl=impl, dtype="float32")
+        jm, params = jax_unet(weights, arch, size, strided=impl, dtype="float32")
         j_logits = np.asarray(jax.jit(lambda p, x: jm.apply({"params": p}, x).seg[0])(params, x))
-        out["per_conv_impl"][impl] = {"max_abs_logit_diff": float(np.abs(j_logits - t_logits).max()),
+        out["per_strided"][impl] = {"max_abs_logit_diff": float(np.abs(j_logits - t_logits).max()),
                                       "jax_loss": float(loss_fn(j_logits, y))}
     # torch counts every seg layer (nnU-Net keeps the deep-supervision heads even when unused)
     out["n_params_torch"] = int(sum(p.numel() for p in model.parameters()))
@@ -444,7 +448,7 @@ def _ratios(results: list[dict]) -> list[dict]:
             t = next((q for q in results if q.get("framework") == ref and q.get("dtype") == r["dtype"]
                       and "median_s" in q), None)
             if t is not None:
-                out.append({"dtype": r["dtype"], "conv_impl": r["conv_impl"], "vs": ref,
+                out.append({"dtype": r["dtype"], "strided": r["strided"], "vs": ref,
                             "jaxseg_over_torch_time": r["median_s"] / t["median_s"],
                             "jaxseg_over_torch_peak_mem": (r["peak_mem_bytes"] / t["peak_mem_bytes"]
                                                            if r.get("peak_mem_bytes") and t.get("peak_mem_bytes")
@@ -460,7 +464,9 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=2)
     ap.add_argument("--features-base", type=int, default=32)
     ap.add_argument("--frameworks", default=",".join(FRAMEWORKS))
-    ap.add_argument("--impls", default="xla,im2col,auto", help="jaxseg conv_impl values")
+    ap.add_argument("--strided", default="default",
+                    help="jaxseg strided-conv formulations, comma-separated: default (the library's choice for "
+                         "the device), space_to_depth, native")
     ap.add_argument("--dtypes", default="float32,bfloat16")
     ap.add_argument("--steps", type=int, default=3, help="timed steps (median reported)")
     ap.add_argument("--warmup", type=int, default=1, help="untimed steps after the first call")
@@ -490,7 +496,7 @@ def main() -> None:
     bad = [f for f in frameworks if f not in FRAMEWORKS]
     if bad:
         ap.error(f"--frameworks: unknown {bad}; choose from {FRAMEWORKS}")
-    impls, dtypes = args.impls.split(","), args.dtypes.split(",")
+    impls, dtypes = args.strided.split(","), args.dtypes.split(",")
     vox = args.batch * int(np.prod(size))
     flops_conv = conv_flops(arch, size, args.batch)
     payload = {"benchmark": "train_step_vs_torch", "environment": environment(),
@@ -499,7 +505,7 @@ def main() -> None:
                             "model": "nnU-Net PlainConvUNet (dynamic_network_architectures) -> jaxseg UNet3D",
                             "loss": "CE - soft Dice (per sample, no background, smooth 1e-5), full-res output only",
                             "optimizer": f"SGD lr {LR} momentum {MOMENTUM} nesterov, no weight decay",
-                            "steps": args.steps, "warmup": args.warmup, "dtypes": dtypes, "impls": impls,
+                            "steps": args.steps, "warmup": args.warmup, "dtypes": dtypes, "strided": impls,
                             "frameworks": frameworks, "peak_tflops": args.peak_tflops,
                             "analytic_conv_flops_per_step": flops_conv},
                "parity": None, "results": [], "ratios": []}
@@ -521,16 +527,16 @@ def main() -> None:
                 print("parity failed:", p["error"], flush=True)
             else:
                 print("parity: max |logit| %.3g, max abs diff %s, params %s" % (
-                    p["max_abs_logit"], {k: "%.2e" % v["max_abs_logit_diff"] for k, v in p["per_conv_impl"].items()},
+                    p["max_abs_logit"], {k: "%.2e" % v["max_abs_logit_diff"] for k, v in p["per_strided"].items()},
                     f"{p['n_params']:,}"), flush=True)
             flush()
         for dtype in dtypes:
             configs = [("jaxseg", impl) for impl in impls if "jaxseg" in frameworks]
             configs += [(f, None) for f in frameworks if f != "jaxseg"]
             for fw, impl in configs:
-                spec = dict(base, framework=fw, dtype=dtype, conv_impl=impl)
+                spec = dict(base, framework=fw, dtype=dtype, strided=impl)
                 r = run_worker(Path(__file__), spec, args.timeout)
-                r = {"framework": fw, "dtype": dtype, "conv_impl": impl, **r}
+                r = {"framework": fw, "dtype": dtype, "strided": impl, **r}
                 if "median_s" in r:
                     r["volumes_per_s"] = args.batch / r["median_s"]
                     r["voxels_per_s"] = vox / r["median_s"]
@@ -539,25 +545,25 @@ def main() -> None:
                         f = flops or flops_conv
                         r["mfu"] = f / r["median_s"] / (args.peak_tflops * 1e12)
                         r["mfu_flops_source"] = "xla cost_analysis" if flops else "analytic conv flops"
-                    print(f"{fw:13s} {dtype:8s} {impl or '':6s} step {r['median_s']:.3f} s (first call "
+                    print(f"{fw:13s} {dtype:8s} {impl or '':14s} step {r['median_s']:.3f} s (first call "
                           f"{r['first_call_s']:.1f} s), {r['volumes_per_s']:.2f} vol/s, peak mem "
                           f"{(r.get('peak_mem_bytes') or 0) / 2**30:.2f} GiB, loss {r['losses'][0]:.5f}", flush=True)
                 else:
-                    print(f"{fw:13s} {dtype:8s} {impl or '':6s} failed: {r['error']}", flush=True)
+                    print(f"{fw:13s} {dtype:8s} {impl or '':14s} failed: {r['error']}", flush=True)
                 payload["results"].append(r)
                 flush()
     xla_flops = next((r.get("xla_flops_per_step") for r in payload["results"]
-                      if r.get("conv_impl") == "xla" and r.get("xla_flops_per_step")), None)
+                      if r.get("framework") == "jaxseg" and r.get("xla_flops_per_step")), None)
     payload["settings"]["xla_flops_per_step"] = xla_flops
     ref = {r["framework"]: r for r in payload["results"] if r.get("dtype") == "float32" and "losses" in r
-           and r.get("conv_impl") in (None, "xla")}
+           and r.get("strided") in (None, impls[0])}
     if "jaxseg" in ref and "torch" in ref:
         n = min(len(ref["jaxseg"]["losses"]), len(ref["torch"]["losses"]), 3)
-        payload["loss_parity_fp32_first_steps"] = {"jaxseg_xla": ref["jaxseg"]["losses"][:n],
+        payload["loss_parity_fp32_first_steps"] = {"jaxseg": ref["jaxseg"]["losses"][:n],
                                                    "torch": ref["torch"]["losses"][:n]}
     flush()
     for q in payload["ratios"]:
-        print(f"ratio jaxseg({q['conv_impl']}) / {q['vs']} [{q['dtype']}]: time {q['jaxseg_over_torch_time']:.2f}x")
+        print(f"ratio jaxseg({q['strided']}) / {q['vs']} [{q['dtype']}]: time {q['jaxseg_over_torch_time']:.2f}x")
 
 
 if __name__ == "__main__":

@@ -236,7 +236,6 @@ class ModelConfig(_Section):
     deep_supervision: bool = True
     num_ds_heads: int | None = None
     compute_dtype: Literal["float32", "bfloat16"] = "float32"
-    conv_impl: Literal["auto", "xla", "im2col"] = "auto"
     age_head: bool = False
     # AgeU-Net output = age_offset + age_scale * (head), before its final PReLU: with the training ages'
     # mean and SD the untrained head starts at the mean age instead of 0 (the paper's MSE starts ~10^3).

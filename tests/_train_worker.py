@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 # package, and importing a test module would import pytest here).
 TINY_OVERRIDES = (
     "data.patch_size=[16,16,16]", "data.batch_size=8", "data.fold=all", "data.threads=1",
-    "model.features_base=4", "model.features_max=8", "model.conv_impl=xla",
+    "model.features_base=4", "model.features_max=8",
     "train.epochs=2", "train.steps_per_epoch=2", "train.checkpoint_every=1", "train.log_every=1",
     "data.augment=none",
 )

@@ -405,7 +405,7 @@ def test_predict_case_with_real_tiny_unet(tmp_path):
     from jaxseg.models import UNet3D, plan_topology
 
     topo = plan_topology((16, 16, 16), (1.0, 1.0, 1.0), features_base=4, features_max=16)
-    model = UNet3D(num_classes=3, topology=topo, conv_impl="xla")
+    model = UNet3D(num_classes=3, topology=topo)
     variables = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 16, 16, 16, 1)))
     fn = make_apply_fn(model, variables)
     logits, extra = sliding_window_logits(fn, rand_image((20, 16, 12), c=1), topo.patch_size, 3, window_batch=2)

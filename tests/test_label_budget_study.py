@@ -169,7 +169,7 @@ def test_run_label_budget_tiny(tmp_path, monkeypatch):
     monkeypatch.setattr(label_budget, "SETTINGS", tuple(s for s in SETTINGS if s[0] in ("random", "axial", "full")))
 
     overrides = ["synth.n_subjects=14", "synth.n_test=3", "synth.spacing=8.0", "data.patch_size=[16,16,16]",
-                 "model.features_base=4", "model.features_max=8", "model.conv_impl=xla", "data.batch_size=8",
+                 "model.features_base=4", "model.features_max=8", "data.batch_size=8",
                  "train.epochs=1", "train.steps_per_epoch=2", "train.val_every=1", "train.checkpoint_every=2",
                  "data.threads=1", "eval.window_batch=8"]
     work = tmp_path / "study"

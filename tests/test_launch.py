@@ -46,7 +46,7 @@ def test_prepare_on_missing_dataset_fails_nonzero(tmp_path):
 def test_demo_end_to_end_tiny(tmp_path):
     # The whole main job on a tiny cohort: synth -> prepare -> ERM and DRO -> predict -> evaluate -> report.
     overrides = ["synth.n_subjects=14", "synth.n_test=4", "synth.spacing=6.0", "data.patch_size=[16,16,16]",
-                 "model.features_base=4", "model.features_max=8", "model.conv_impl=xla", "train.epochs=1", "data.batch_size=8",
+                 "model.features_base=4", "model.features_max=8", "train.epochs=1", "data.batch_size=8",
                  "train.steps_per_epoch=2", "train.val_every=1", "data.threads=1", "data.augment=none",
                  "dro.log_every=1"]
     assert main(["demo", "--workdir", str(tmp_path / "demo"), *overrides]) == 0

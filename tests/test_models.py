@@ -52,27 +52,12 @@ def test_explicit_topology_checks_divisibility():
 # ------------------------------------------------------------------------------ layers
 
 
-@pytest.mark.parametrize("kernel,strides,padding", [
-    ((3, 3, 3), (1, 1, 1), "same"), ((3, 3, 3), (2, 2, 2), "same"), ((3, 3, 1), (2, 2, 1), "same"),
-    ((1, 1, 1), (1, 1, 1), "same"), ((3, 3, 3), (1, 1, 1), "valid")])
-def test_im2col_conv_equals_xla_values_and_gradients(kernel, strides, padding):
-    kx, kk = jax.random.split(jax.random.key(0))
-    x = jax.random.normal(kx, (2, 8, 6, 10, 3))
-    w = jax.random.normal(kk, (*kernel, 3, 5))
-    f = {impl: jax.jit(lambda x, w, impl=impl: conv3d(x, w, strides, impl, padding)) for impl in ("xla", "im2col")}
-    np.testing.assert_allclose(f["im2col"](x, w), f["xla"](x, w), rtol=1e-5, atol=1e-4)
-    loss = {impl: lambda x, w, impl=impl: jnp.sum(jnp.sin(f[impl](x, w))) for impl in f}
-    gi = jax.grad(loss["im2col"], argnums=(0, 1))(x, w)
-    gx = jax.grad(loss["xla"], argnums=(0, 1))(x, w)
-    for a, b in zip(gi, gx):
-        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
-
-
-def test_conv_matches_torch_padding_convention():
+@pytest.mark.parametrize("strided", ["space_to_depth", "native"])
+def test_conv_matches_torch_padding_convention(strided):
     # Symmetric k//2 padding: a stride-2 3x3x3 conv on size 8 reads x[2o-1 .. 2o+1].
     x = jnp.arange(8.0).reshape(1, 8, 1, 1, 1)
     w = jnp.zeros((3, 1, 1, 1, 1)).at[0, 0, 0, 0, 0].set(1.0)  # picks x[2o - 1]
-    y = conv3d(x, w, (2, 1, 1), "xla")
+    y = conv3d(x, w, (2, 1, 1), strided=strided)
     np.testing.assert_array_equal(y[0, :, 0, 0, 0], [0.0, 1.0, 3.0, 5.0])
 
 
@@ -157,8 +142,7 @@ def test_unet_param_names_expose_stages():
 @pytest.mark.parametrize("block,upsample", [("plain", "transpose"), ("residual", "resize_conv"),
                                             ("plain", "pixel_shuffle")])
 def test_unet_jit_and_finite_gradients(block, upsample):
-    # XLA convs: they compile ~5x faster than im2col here; im2col is checked against them separately.
-    model, _ = tiny_unet(block=block, upsample=upsample, deep_supervision=False, conv_impl="xla")
+    model, _ = tiny_unet(block=block, upsample=upsample, deep_supervision=False)
     x = jax.random.normal(jax.random.key(0), (2, 16, 16, 16, 1))
     params = jax.jit(model.init)(jax.random.key(1), x)["params"]
 
@@ -180,19 +164,9 @@ def test_residual_block_projects_skip_only_when_needed():
     assert "conv3" in p["decoder_0"]["stage"]["res"]  # concat 8 -> 4 channels
 
 
-def test_unet_conv_impls_agree():
-    model_x, _ = tiny_unet(conv_impl="xla")
-    model_i, _ = tiny_unet(conv_impl="im2col")
-    x = jax.random.normal(jax.random.key(0), (1, 16, 16, 16, 1))
-    v = model_x.init(jax.random.key(1), x)
-    a, b = model_x.apply(v, x), model_i.apply(v, x)
-    for la, lb in zip(a.seg, b.seg):
-        np.testing.assert_allclose(la, lb, rtol=1e-4, atol=1e-4)
-
-
 def test_bf16_compute_keeps_fp32_params_and_is_close():
-    model32, _ = tiny_unet(deep_supervision=False, conv_impl="xla")
-    model16, _ = tiny_unet(deep_supervision=False, dtype=jnp.bfloat16, conv_impl="xla")
+    model32, _ = tiny_unet(deep_supervision=False)
+    model16, _ = tiny_unet(deep_supervision=False, dtype=jnp.bfloat16)
     x = jax.random.normal(jax.random.key(0), (1, 16, 16, 16, 1))
     v = model16.init(jax.random.key(1), x)
     assert all(a.dtype == jnp.float32 for a in jax.tree.leaves(v))
@@ -251,7 +225,7 @@ def test_compact_unet_parameter_count():
 
 
 def test_compact_unet_forward_and_dropout():
-    model = CompactUNet(num_classes=2, features=(4, 8, 8, 16, 16), conv_impl="xla")
+    model = CompactUNet(num_classes=2, features=(4, 8, 8, 16, 16))
     x = jax.random.normal(jax.random.key(0), (1, 16, 16, 16, 2))
     v = model.init(jax.random.key(1), x)
     y_eval = model.apply(v, x)

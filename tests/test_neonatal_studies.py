@@ -49,8 +49,8 @@ def test_centred_age_head_is_a_fixed_affine_of_the_same_parameters():
     topo = explicit_topology([(1, 1, 1), (2, 2, 2), (2, 2, 2)], [(3, 3, 3)] * 3, (16, 16, 16),
                              features_base=4, features_max=8)
     x = jax.random.normal(jax.random.key(0), (2, 16, 16, 16, 1))
-    plain = UNet3D(num_classes=3, topology=topo, age_head=True, conv_impl="xla")
-    centred = UNet3D(num_classes=3, topology=topo, age_head=True, conv_impl="xla", age_offset=36.0, age_scale=5.0)
+    plain = UNet3D(num_classes=3, topology=topo, age_head=True)
+    centred = UNet3D(num_classes=3, topology=topo, age_head=True, age_offset=36.0, age_scale=5.0)
     params = plain.init(jax.random.key(1), x)["params"]
     assert jax.tree.structure(params) == jax.tree.structure(centred.init(jax.random.key(1), x)["params"])
     # With the output PReLU's slope at 1 it is the identity, so the outputs differ by the affine exactly.
@@ -192,7 +192,7 @@ def test_summary_means_and_sds_over_runs():
 
 
 TINY = ["synth.spacing=8.0", "data.patch_size=[16,16,16]", "model.features_base=4", "model.features_max=8",
-        "model.conv_impl=xla", "data.batch_size=8", "data.threads=1", "eval.window_batch=8"]
+        "data.batch_size=8", "data.threads=1", "eval.window_batch=8"]
 
 
 def test_age_study_tiny(tmp_path, monkeypatch):

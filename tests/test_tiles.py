@@ -67,7 +67,7 @@ def test_even_grid_and_errors():
 # ------------------------------------------------------------------------ ensemble step
 
 def tiny_model():
-    return CompactUNet(num_classes=2, features=(4, 4, 8, 8, 16), groups=2, dropout=0.5, conv_impl="xla")
+    return CompactUNet(num_classes=2, features=(4, 4, 8, 8, 16), groups=2, dropout=0.5)
 
 
 def tiny_batch(n, b=1, s=8, seed=0):

@@ -68,7 +68,7 @@ def cohort(tmp_path_factory):
 def tiny_cfg(root, *extra):
     return load_config("configs/dlb_ablation_synth.yaml", [
         f"data.dataset={root / 'raw'}", f"data.store={root / 'store'}", "model.features_base=4",
-        "model.norm_groups=2", "model.conv_impl=xla", "dlb.tile_size=16", "dlb.tiles_per_axis=3",
+        "model.norm_groups=2", "dlb.tile_size=16", "dlb.tiles_per_axis=3",
         "dlb.generic_steps_per_epoch=1", "dlb.generic_max_epochs=2", "dlb.steps_per_epoch=1", "dlb.max_epochs=1",
         "dlb.generic_batch_size=2", "dlb.train_sites=null", "dlb.group_size=9", *extra])
 

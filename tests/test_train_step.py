@@ -17,7 +17,7 @@ N_CASES = 10
 
 def tiny_cfg(*overrides):
     return load_config(None, ["data.patch_size=[8,8,8]", "model.features_base=4", "model.features_max=8",
-                              "data.num_classes=3", "model.conv_impl=xla", "train.epochs=2",
+                              "data.num_classes=3", "train.epochs=2",
                               "train.steps_per_epoch=2", *overrides])
 
 

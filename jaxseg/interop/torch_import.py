@@ -43,7 +43,6 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from jaxseg.models.layers import ConvImpl
 from jaxseg.models.topology import Topology
 from jaxseg.models.unet import UNet3D
 
@@ -338,7 +337,6 @@ def import_dynunet(
     trans_bias: bool = False,
     spatial_dims: int = 3,
     patch_size: Sequence[int] | None = None,
-    conv_impl: ConvImpl = "auto",
     dtype: Any = jnp.float32,
     strict: bool = True,
 ) -> ImportedUNet:
@@ -377,7 +375,7 @@ def import_dynunet(
     model = UNet3D(num_classes=int(out_channels), topology=topo, block="residual" if res_block else "plain",
                    norm=norm, norm_groups=groups, act=act, upsample="transpose", deep_supervision=deep_supervision,
                    num_ds_heads=deep_supr_num + 1 if deep_supervision else None, conv_bias=False,
-                   conv_impl=conv_impl, dtype=dtype, decoder_block="plain", decoder_kernels=tuple(ks[1:]))
+                   dtype=dtype, decoder_block="plain", decoder_kernels=tuple(ks[1:]))
 
     spec: dict = {}
 
@@ -440,7 +438,6 @@ def import_plain_conv_unet(
     deep_supervision: bool = False,
     nonlin_first: bool = False,
     patch_size: Sequence[int] | None = None,
-    conv_impl: ConvImpl = "auto",
     dtype: Any = jnp.float32,
     strict: bool = True,
 ) -> ImportedUNet:
@@ -482,7 +479,7 @@ def import_plain_conv_unet(
     topo = Topology(tuple(st), tuple(ks), tuple(feats), _default_patch(st, patch_size))
     model = UNet3D(num_classes=int(num_classes), topology=topo, block="plain", norm="instance", act=act,
                    upsample="transpose", deep_supervision=deep_supervision, num_ds_heads=None,
-                   conv_bias=bool(conv_bias), conv_impl=conv_impl, dtype=dtype)
+                   conv_bias=bool(conv_bias), dtype=dtype)
     spec: dict = {}
 
     def stacked(jpath: tuple, tpre: str) -> None:
@@ -568,7 +565,7 @@ def import_nnunet_plans(
 ) -> ImportedUNet:
     """An nnU-Net v2 model from its plans.json and weights (e.g. `load_torch_checkpoint(
     ".../fold_0/checkpoint_final.pth")`). input_channels and num_classes default to what the weights'
-    first conv and last seg layer hold. Further kwargs (conv_impl, dtype, strict, patch_size) go to
+    first conv and last seg layer hold. Further kwargs (dtype, strict, patch_size) go to
     `import_plain_conv_unet`."""
     kw = nnunet_arch_kwargs(plans, configuration)
     sd = _numpy_state_dict(state_dict)

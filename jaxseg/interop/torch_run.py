@@ -145,7 +145,7 @@ def config_for(model, *, num_channels: int, spacing, store: str, experiment: str
         block=model.block, norm=model.norm, norm_groups=int(model.norm_groups), activation=model.act,
         upsample=model.upsample, deep_supervision=bool(model.deep_supervision),
         num_ds_heads=model.num_ds_heads if model.deep_supervision else None,
-        compute_dtype="float32", conv_impl=model.conv_impl, age_head=False,
+        compute_dtype="float32", age_head=False,
         decoder_block=decoder_block, decoder_kernels=decoder_kernels, conv_bias=bool(model.conv_bias))
     data_section = dict(store=store, num_channels=int(num_channels), num_classes=int(model.num_classes),
                         patch_size=list(topo.patch_size), spacing=None if spacing is None else list(spacing))

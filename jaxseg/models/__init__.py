@@ -33,11 +33,11 @@ def build_model(cfg: Config, spacing=None):
         # filters double per level from features_base (paper: 24-48-96-192-384); features_max does not cap them
         features = tuple(m.features_base * 2**i for i in range(5))
         return CompactUNet(num_classes=d.num_classes, features=features, dropout=m.dropout, groups=m.norm_groups,
-                           conv_impl=m.conv_impl, dtype=dtype)
+                           dtype=dtype)
     return UNet3D(num_classes=d.num_classes, topology=model_topology(cfg, spacing), block=m.block, norm=m.norm,
                   norm_groups=m.norm_groups, act=m.activation, upsample=m.upsample,
                   deep_supervision=m.deep_supervision, num_ds_heads=m.num_ds_heads, age_head=m.age_head,
                   age_offset=m.age_offset, age_scale=m.age_scale,
-                  conv_bias=m.conv_bias, conv_impl=m.conv_impl, dtype=dtype,
+                  conv_bias=m.conv_bias, dtype=dtype,
                   decoder_block=None if m.decoder_block == "same" else m.decoder_block,
                   decoder_kernels=None if m.decoder_kernels is None else tuple(tuple(k) for k in m.decoder_kernels))

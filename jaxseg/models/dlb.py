@@ -15,19 +15,18 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from jaxseg.models.layers import Conv3D, ConvImpl, Norm
+from jaxseg.models.layers import Conv3D, Norm
 
 
 class NormConvReLU(nn.Module):
     features: int
     groups: int = 8
-    conv_impl: ConvImpl = "auto"
     dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, x):
         x = Norm("group", self.groups, name="norm")(x)
-        x = Conv3D(self.features, (3, 3, 3), conv_impl=self.conv_impl, dtype=self.dtype, name="conv")(x)
+        x = Conv3D(self.features, (3, 3, 3), dtype=self.dtype, name="conv")(x)
         return jax.nn.relu(x)
 
 
@@ -36,12 +35,11 @@ class Level(nn.Module):
 
     features: tuple[int, int]
     groups: int = 8
-    conv_impl: ConvImpl = "auto"
     dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, x):
-        kw = dict(groups=self.groups, conv_impl=self.conv_impl, dtype=self.dtype)
+        kw = dict(groups=self.groups, dtype=self.dtype)
         x = NormConvReLU(self.features[0], name="block_0", **kw)(x)
         return NormConvReLU(self.features[1], name="block_1", **kw)(x)
 
@@ -61,7 +59,6 @@ class CompactUNet(nn.Module):
     features: tuple[int, ...] = (24, 48, 96, 192, 384)
     groups: int = 8
     dropout: float = 0.5
-    conv_impl: ConvImpl = "auto"
     dtype: Any = jnp.float32
 
     @nn.compact
@@ -70,7 +67,7 @@ class CompactUNet(nn.Module):
         levels = len(f) - 2  # pooling levels
         if any(d % 2**levels for d in x.shape[1:4]):
             raise ValueError(f"input spatial shape {x.shape[1:4]} must be divisible by {2**levels}")
-        kw = dict(groups=self.groups, conv_impl=self.conv_impl, dtype=self.dtype)
+        kw = dict(groups=self.groups, dtype=self.dtype)
         x = x.astype(self.dtype)
         skips = []
         for i in range(levels + 1):
@@ -82,5 +79,5 @@ class CompactUNet(nn.Module):
         for i in range(levels - 1, -1, -1):
             x = jnp.concatenate([upsample_trilinear2(x), skips[i]], axis=-1)
             x = NormConvReLU(f[i + 1], name=f"decoder_{i}", **kw)(x)
-        return Conv3D(self.num_classes, (1, 1, 1), conv_impl=self.conv_impl, dtype=self.dtype,
+        return Conv3D(self.num_classes, (1, 1, 1), dtype=self.dtype,
                       name="head")(x).astype(jnp.float32)

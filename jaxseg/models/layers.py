@@ -1,4 +1,4 @@
-"""Building blocks shared by the U-Nets: convolutions (two implementations), norms, activations.
+"""Building blocks shared by the U-Nets: convolutions, norms, activations, upsampling.
 
 Everything is channels-last (N, X, Y, Z, C). Parameters are float32; `dtype` is the compute dtype.
 """
@@ -13,34 +13,20 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
-ConvImpl = Literal["auto", "xla", "im2col"]
 Triple = tuple[int, int, int]
+StridedConv = Literal["native", "space_to_depth", "space_to_depth_grad"]
 
 # nnU-Net initialises with kaiming_normal_(a=1e-2): std = sqrt(2 / (1 + a^2) / fan_in), untruncated.
 kaiming_normal = nn.initializers.variance_scaling(2.0 / (1.0 + 0.01**2), "fan_in", "normal")
 
-
-# benchmarks/results/model_cpu.json (2-core CPU), fwd+bwd of a 3x3x3 conv, XLA vs im2col: 0.47 vs 0.23 s at
-# 8->8 channels (2x48^3), 0.53 vs 0.41 s at 32->32 (2x32^3); the whole 64^3 U-Net step: 79 vs 22 s. Layers
-# with fewer input channels (the 1-2 channel image) were not measured and stay on XLA's.
-IM2COL_MIN_CHANNELS = 8
-# Autodiff keeps every kernel row's patch tensor (9x the input) for the weight gradient: the compact
-# DeepLesionBrain U-Net at 96^3 asked for a 40 GB buffer. Above this size per row, `auto` takes XLA's.
-IM2COL_MAX_ROW_BYTES = 2 * 2**30
-
-
-def resolve_conv_impl(impl: ConvImpl, in_channels: int | None = None,
-                      row_bytes: int | None = None) -> Literal["xla", "im2col"]:
-    """`auto`: XLA's convolution (cuDNN) off CPU; on CPU im2col for layers with at least
-    IM2COL_MIN_CHANNELS input channels, where it measured faster, unless one kernel row's patch tensor
-    would exceed IM2COL_MAX_ROW_BYTES."""
-    if impl == "auto":
-        if jax.default_backend() != "cpu":
-            return "xla"
-        if row_bytes is not None and row_bytes > IM2COL_MAX_ROW_BYTES:
-            return "xla"
-        return "im2col" if in_channels is None or in_channels >= IM2COL_MIN_CHANNELS else "xla"
-    return impl
+# How a strided convolution is computed, per backend:
+#   native               XLA's strided conv; its input gradient is a conv with lhs dilation, which XLA:CPU
+#                        (oneDNN or not) runs 10-40x slower than the forward pass (benchmarks/conv_cpu.py);
+#   space_to_depth       forward and gradients as a stride-1 conv on the space-to-depth folded input;
+#   space_to_depth_grad  XLA's forward (oneDNN's strided forward is 2-7x faster than the folded one on CPU)
+#                        with the gradients of the space-to-depth form: no lhs dilation anywhere.
+# cuDNN has dedicated backward-data kernels; benchmarks/gpu.py measures the three on a GPU.
+STRIDED_CONV: dict[str, StridedConv] = {"cpu": "space_to_depth_grad", "gpu": "native", "tpu": "native"}
 
 
 def _as_triple(v: int | Sequence[int]) -> Triple:
@@ -52,62 +38,91 @@ def _as_triple(v: int | Sequence[int]) -> Triple:
     return t  # type: ignore[return-value]
 
 
-def conv3d(x: jax.Array, kernel: jax.Array, strides: Triple, impl: Literal["xla", "im2col"],
-           padding: Literal["same", "valid"] = "same") -> jax.Array:
+def conv3d(x: jax.Array, kernel: jax.Array, strides: Triple = (1, 1, 1),
+           padding: Literal["same", "valid"] = "same", strided: StridedConv | None = None) -> jax.Array:
     """3D convolution. "same" is PyTorch-style symmetric padding k//2 (nnU-Net's and MONAI's), so that
     a stride-2 conv on an even size halves it exactly and imported torch weights line up.
 
-    x: (N, X, Y, Z, Cin); kernel: (kx, ky, kz, Cin, Cout).
+    x: (N, X, Y, Z, Cin); kernel: (kx, ky, kz, Cin, Cout). A strided conv is computed as
+    `STRIDED_CONV[backend]` unless `strided` says otherwise; all give the same numbers.
     """
-    ks = kernel.shape[:3]
-    pad = [(k // 2, k // 2) if padding == "same" else (0, 0) for k in ks]
-    if impl == "xla":
-        return jax.lax.conv_general_dilated(
-            x, kernel, window_strides=strides, padding=pad,
-            dimension_numbers=("NDHWC", "DHWIO", "NDHWC"))
-    return _conv3d_im2col(x, kernel, strides, pad)
+    strides = _as_triple(strides)
+    pad = tuple((k // 2, k // 2) if padding == "same" else (0, 0) for k in kernel.shape[:3])
+    if padding == "same" and x.shape[1:4] == (1, 1, 1) and all(k % 2 for k in kernel.shape[:3]):
+        # A one-voxel input (a U-Net bottleneck on a small tile) meets only the kernel's centre tap: a
+        # matmul. Exact, and it keeps out the degenerate conv whose vmapped gradient aborts XLA:CPU's
+        # oneDNN rewrite with an illegal instruction (jax 0.12, batch 1).
+        centre = kernel[kernel.shape[0] // 2, kernel.shape[1] // 2, kernel.shape[2] // 2]
+        return jnp.einsum("nxyzc,co->nxyzo", x, centre)
+    how = strided or STRIDED_CONV.get(jax.default_backend(), "native")
+    if strides == (1, 1, 1) or how == "native":
+        return _conv3d_native(x, kernel, strides, pad)
+    if how == "space_to_depth":
+        return _conv3d_space_to_depth(x, kernel, strides, pad)
+    if how == "space_to_depth_grad":
+        return _conv3d_native_s2d_grad(x, kernel, strides, pad)
+    raise ValueError(f"unknown strided-conv formulation {how!r}; choose native, space_to_depth or "
+                     "space_to_depth_grad")
 
 
-def _conv3d_im2col(x, kernel, strides, pad):
-    # One einsum per kernel offset along the first axis over the (ky*kz) shifted slices concatenated
-    # on channels: the same arithmetic as full im2col with a third of its memory.
-    kx, ky, kz, cin, cout = kernel.shape
-    xp = jnp.pad(x, [(0, 0), *pad, (0, 0)])
-    out = [(xp.shape[1 + a] - kernel.shape[a]) // strides[a] + 1 for a in range(3)]
-    sx, sy, sz = strides
-    acc = None
-    for i in range(kx):
-        cols = [
-            xp[:, i: i + (out[0] - 1) * sx + 1: sx,
-               j: j + (out[1] - 1) * sy + 1: sy,
-               k: k + (out[2] - 1) * sz + 1: sz, :]
-            for j in range(ky) for k in range(kz)
-        ]
-        patches = cols[0] if len(cols) == 1 else jnp.concatenate(cols, axis=-1)
-        w = kernel[i].reshape(ky * kz * cin, cout)
-        y = jnp.einsum("nxyzk,ko->nxyzo", patches, w)
-        acc = y if acc is None else acc + y
-    return acc
+def _conv3d_native(x, kernel, strides, pad):
+    return jax.lax.conv_general_dilated(x, kernel, window_strides=strides, padding=pad,
+                                        dimension_numbers=("NDHWC", "DHWIO", "NDHWC"))
+
+
+def _conv3d_space_to_depth(x, kernel, strides, pad):
+    """The strided conv as a stride-1 conv: fold each s-block of the padded input into channels and the
+    kernel likewise. Tap t = a*s + r of the kernel reads padded input o*s + t = (o + a)*s + r, i.e. tap
+    (a, r) of a ceil(k/s) kernel over the folded input; taps past k are zero."""
+    n, *size, cin = x.shape
+    ks, cout = kernel.shape[:3], kernel.shape[-1]
+    out = [(size[a] + sum(pad[a]) - ks[a]) // strides[a] + 1 for a in range(3)]
+    taps = [-(-ks[a] // strides[a]) for a in range(3)]
+    # padded length a multiple of s and just long enough; negative high padding crops unused voxels
+    length = [strides[a] * (out[a] + taps[a] - 1) for a in range(3)]
+    cfg = [(0, 0, 0), *[(pad[a][0], length[a] - size[a] - pad[a][0], 0) for a in range(3)], (0, 0, 0)]
+    xp = jax.lax.pad(x, jnp.zeros((), x.dtype), cfg)
+    (sx, sy, sz), (lx, ly, lz) = strides, [length[a] // strides[a] for a in range(3)]
+    fold = sx * sy * sz
+    xp = xp.reshape(n, lx, sx, ly, sy, lz, sz, cin).transpose(0, 1, 3, 5, 2, 4, 6, 7).reshape(n, lx, ly, lz, fold * cin)
+    w = jnp.pad(kernel, [(0, taps[a] * strides[a] - ks[a]) for a in range(3)] + [(0, 0), (0, 0)])
+    w = w.reshape(taps[0], sx, taps[1], sy, taps[2], sz, cin, cout).transpose(0, 2, 4, 1, 3, 5, 6, 7)
+    w = w.reshape(*taps, fold * cin, cout)
+    return jax.lax.conv_general_dilated(xp, w, (1, 1, 1), "VALID", dimension_numbers=("NDHWC", "DHWIO", "NDHWC"))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _conv3d_native_s2d_grad(x, kernel, strides, pad):
+    return _conv3d_native(x, kernel, strides, pad)
+
+
+def _native_s2d_grad_fwd(x, kernel, strides, pad):
+    return _conv3d_native(x, kernel, strides, pad), (x, kernel)
+
+
+def _native_s2d_grad_bwd(strides, pad, res, g):
+    # the conv is linear: the folded form's VJP needs only x and the kernel (XLA drops its unused forward)
+    return jax.vjp(lambda x, k: _conv3d_space_to_depth(x, k, strides, pad), *res)[1](g)
+
+
+_conv3d_native_s2d_grad.defvjp(_native_s2d_grad_fwd, _native_s2d_grad_bwd)
 
 
 class Conv3D(nn.Module):
-    """3D convolution with Kaiming init and a selectable implementation."""
+    """3D convolution with nnU-Net's Kaiming init; see `conv3d`."""
 
     features: int
     kernel_size: Triple = (3, 3, 3)
     strides: Triple = (1, 1, 1)
     use_bias: bool = True
     padding: Literal["same", "valid"] = "same"
-    conv_impl: ConvImpl = "auto"
     dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, x):
         ks, st = _as_triple(self.kernel_size), _as_triple(self.strides)
         kernel = self.param("kernel", kaiming_normal, (*ks, x.shape[-1], self.features), jnp.float32)
-        row_bytes = int(np.prod(x.shape)) * ks[1] * ks[2] * jnp.dtype(self.dtype).itemsize
-        impl = resolve_conv_impl(self.conv_impl, x.shape[-1], row_bytes)
-        y = conv3d(x.astype(self.dtype), kernel.astype(self.dtype), st, impl, self.padding)
+        y = conv3d(x.astype(self.dtype), kernel.astype(self.dtype), st, self.padding)
         if self.use_bias:
             y = y + self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32).astype(self.dtype)
         return y
@@ -173,7 +188,6 @@ class Upsample(nn.Module):
     features: int
     factors: Triple
     mode: Literal["transpose", "resize_conv", "pixel_shuffle"] = "transpose"
-    conv_impl: ConvImpl = "auto"
     dtype: Any = jnp.float32
 
     @nn.compact
@@ -190,9 +204,8 @@ class Upsample(nn.Module):
             bias = self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32)
             return y + bias.astype(self.dtype)
         if self.mode == "pixel_shuffle":
-            y = Conv3D(self.features * nf, (3, 3, 3), conv_impl=self.conv_impl, dtype=self.dtype, name="conv")(x)
+            y = Conv3D(self.features * nf, (3, 3, 3), dtype=self.dtype, name="conv")(x)
             return pixel_shuffle(y, f)
         if self.mode == "resize_conv":
-            return Conv3D(self.features, (3, 3, 3), conv_impl=self.conv_impl, dtype=self.dtype,
-                          name="conv")(upsample_nearest(x, f))
+            return Conv3D(self.features, (3, 3, 3), dtype=self.dtype, name="conv")(upsample_nearest(x, f))
         raise ValueError(f"unknown upsample mode {self.mode!r}; choose transpose, resize_conv or pixel_shuffle")

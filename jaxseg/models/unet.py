@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from jaxseg.models.layers import Conv3D, ConvImpl, Norm, Triple, Upsample, activation
+from jaxseg.models.layers import Conv3D, Norm, Triple, Upsample, activation
 from jaxseg.models.topology import Topology
 
 
@@ -33,12 +33,11 @@ class ConvNormAct(nn.Module):
     norm_groups: int = 8
     act: Literal["leaky_relu", "relu"] = "leaky_relu"
     conv_bias: bool = True
-    conv_impl: ConvImpl = "auto"
     dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, x):
-        x = Conv3D(self.features, self.kernel, self.stride, self.conv_bias, conv_impl=self.conv_impl,
+        x = Conv3D(self.features, self.kernel, self.stride, self.conv_bias,
                    dtype=self.dtype, name="conv")(x)
         x = Norm(self.norm, self.norm_groups, name="norm")(x)
         return activation(self.act)(x)
@@ -55,12 +54,11 @@ class ResidualBlock(nn.Module):
     norm_groups: int = 8
     act: Literal["leaky_relu", "relu"] = "leaky_relu"
     conv_bias: bool = True
-    conv_impl: ConvImpl = "auto"
     dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, x):
-        kw = dict(conv_impl=self.conv_impl, dtype=self.dtype)
+        kw = dict(dtype=self.dtype)
         y = Conv3D(self.features, self.kernel, self.stride, self.conv_bias, name="conv1", **kw)(x)
         y = activation(self.act)(Norm(self.norm, self.norm_groups, name="norm1")(y))
         y = Conv3D(self.features, self.kernel, (1, 1, 1), self.conv_bias, name="conv2", **kw)(y)
@@ -82,13 +80,12 @@ class Stage(nn.Module):
     norm_groups: int = 8
     act: Literal["leaky_relu", "relu"] = "leaky_relu"
     conv_bias: bool = True
-    conv_impl: ConvImpl = "auto"
     dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, x):
         kw = dict(norm=self.norm, norm_groups=self.norm_groups, act=self.act, conv_bias=self.conv_bias,
-                  conv_impl=self.conv_impl, dtype=self.dtype)
+                  dtype=self.dtype)
         if self.block == "residual":
             return ResidualBlock(self.features, self.kernel, self.stride, name="res", **kw)(x)
         if self.block != "plain":
@@ -109,23 +106,21 @@ class DecoderStage(nn.Module):
     norm_groups: int = 8
     act: Literal["leaky_relu", "relu"] = "leaky_relu"
     conv_bias: bool = True
-    conv_impl: ConvImpl = "auto"
     dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, x, skip):
-        x = Upsample(self.features, self.up_factors, self.upsample, conv_impl=self.conv_impl, dtype=self.dtype,
+        x = Upsample(self.features, self.up_factors, self.upsample, dtype=self.dtype,
                      name="up")(x)
         x = jnp.concatenate([x, skip], axis=-1)
         return Stage(self.features, self.kernel, (1, 1, 1), self.block, self.norm, self.norm_groups, self.act,
-                     self.conv_bias, self.conv_impl, self.dtype, name="stage")(x)
+                     self.conv_bias, self.dtype, name="stage")(x)
 
 
 class AgeHead(nn.Module):
     """AgeU-Net (neonatal paper): valid 3x3x3 conv 320 -> 512 + PReLU, flatten, linear -> 1, PReLU."""
 
     features: int = 512
-    conv_impl: ConvImpl = "auto"
     offset: float = 0.0  # output = PReLU(offset + scale * dense): a fixed affine, no parameters
     scale: float = 1.0
 
@@ -134,7 +129,7 @@ class AgeHead(nn.Module):
         x = x.astype(jnp.float32)
         if min(x.shape[1:4]) < 3:
             raise ValueError(f"the age head needs a bottleneck of at least 3^3 voxels, got {x.shape[1:4]}")
-        x = Conv3D(self.features, (3, 3, 3), padding="valid", conv_impl=self.conv_impl, name="conv")(x)
+        x = Conv3D(self.features, (3, 3, 3), padding="valid", name="conv")(x)
         x = nn.PReLU(negative_slope_init=0.25, name="act_conv")(x)  # torch.nn.PReLU's default slope
         x = nn.Dense(1, name="dense")(x.reshape(x.shape[0], -1))
         x = self.offset + self.scale * x
@@ -157,7 +152,6 @@ class UNet3D(nn.Module):
     age_offset: float = 0.0  # AgeHead's fixed output affine (see AgeHead)
     age_scale: float = 1.0
     conv_bias: bool = True
-    conv_impl: ConvImpl = "auto"
     dtype: Any = jnp.float32  # compute dtype; parameters stay float32
     # Decoder details that differ between the torch U-Nets (jaxseg.interop imports both). None keeps the
     # defaults above: decoder blocks like `block`, decoder_i convolved with topology.kernels[i] (nnU-Net).
@@ -177,14 +171,14 @@ class UNet3D(nn.Module):
             raise ValueError(f"input spatial shape {x.shape[1:4]} is not divisible by the total stride "
                              f"{tuple(total)}: pad the patch (see Topology.patch_size)")
         kw = dict(block=self.block, norm=self.norm, norm_groups=self.norm_groups, act=self.act,
-                  conv_bias=self.conv_bias, conv_impl=self.conv_impl, dtype=self.dtype)
+                  conv_bias=self.conv_bias, dtype=self.dtype)
         x = x.astype(self.dtype)
         skips = []
         for i in range(n):
             name = "bottleneck" if i == n - 1 else f"encoder_{i}"
             x = Stage(topo.features[i], topo.kernels[i], topo.strides[i], name=name, **kw)(x)
             skips.append(x)
-        age = (AgeHead(conv_impl=self.conv_impl, offset=self.age_offset, scale=self.age_scale, name="age_head")(x)
+        age = (AgeHead(offset=self.age_offset, scale=self.age_scale, name="age_head")(x)
                if self.age_head else None)
 
         n_heads = (self.num_ds_heads or n - 1) if self.deep_supervision else 1
@@ -201,7 +195,7 @@ class UNet3D(nn.Module):
                              name=f"decoder_{i}", **dec_kw)(x, skips[i])
             decoded[i] = x
         seg = [
-            Conv3D(self.num_classes, (1, 1, 1), conv_impl=self.conv_impl, dtype=self.dtype,
+            Conv3D(self.num_classes, (1, 1, 1), dtype=self.dtype,
                    name=f"head_{i}")(decoded[i]).astype(jnp.float32)
             for i in range(n_heads)
         ]
