@@ -411,6 +411,8 @@ class EvalConfig(_Section):
     mirror_tta: bool = False
     window_batch: int = 4
     percentiles: tuple[int, ...] = (50, 25, 10, 5)
+    # lesion PPV / LFPR of an empty prediction: "zero" scores it 0 (ISBI 2015), "nan" leaves it undefined
+    lesion_empty_pred: Literal["zero", "nan"] = "zero"
 
     def _validate(self) -> None:
         _check(0.0 < self.step_size <= 1.0, "step_size", f"must be in (0, 1], got {self.step_size!r}")

@@ -131,6 +131,8 @@ def cmd_dlb_predict(args) -> None:
 def cmd_dlb_ablation(args) -> None:
     from jaxseg.tiles.ablation import run_ablation
 
+    if args.lesion_empty_pred:
+        args.overrides = [*args.overrides, f"eval.lesion_empty_pred={args.lesion_empty_pred}"]
     out = run_ablation(_config(args), args.workdir)
     print(f"ablation table at {Path(args.workdir) / 'table.md'} ({out['timings']['total_s']:.0f} s)")
 
@@ -207,6 +209,9 @@ def parser() -> argparse.ArgumentParser:
     sp = add("dlb-ablation", cmd_dlb_ablation, "DeepLesionBrain's ablation (paper Tables 2/3) on the synthetic "
              "MS cohort, cross-site")
     sp.add_argument("--workdir", default="runs/dlb_ablation")
+    sp.add_argument("--lesion-empty-pred", choices=("zero", "nan"),
+                    help="PPV / LFPR of an empty prediction: 0 (ISBI 2015, the default) or NaN, left out of "
+                         "the means (same as eval.lesion_empty_pred=...)")
 
     sp = add("import-torch", cmd_import_torch, "convert a PyTorch checkpoint (MONAI DynUNet or nnU-Net v2 "
              "PlainConvUNet) into a run directory for `predict --run`", config=False)

@@ -81,6 +81,8 @@ def test_params_are_static_and_validated():
     n = PRESETS["nnunet"]
     assert (n.p_rotation, n.p_scale, n.scale_range) == (0.2, 0.2, (0.7, 1.4))
     assert (n.p_noise, n.noise_range, n.p_blur, n.blur_sigma) == (0.1, (0.0, 0.1), 0.2, (0.5, 1.0))
+    assert n.noise_param == "std" and n.noise_shared_field  # nnU-Net's "noise_variance" is a std
+    assert (n.p_blur_channel, n.blur_per_channel, n.p_lowres_channel, n.lowres_per_channel) == (0.5, True, 0.5, True)
     assert (n.p_brightness, n.p_contrast, n.p_lowres) == (0.15, 0.15, 0.25)
     assert (n.p_gamma_inverted, n.p_gamma, n.gamma_range) == (0.1, 0.3, (0.7, 1.5))
     assert n.p_mirror == (0.5, 0.5, 0.5) and n.rotation_deg == ((-30.0, 30.0),) * 3
@@ -412,3 +414,137 @@ def test_contrast_and_low_resolution():
         w = (u - k0).reshape([-1 if a == axis else 1 for a in range(4)])
         ref = np.take(down, k0, axis) * (1 - w) + np.take(down, k1, axis) * w
     np.testing.assert_allclose(np.asarray(lowres(x, 0.5)), ref, atol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------
+# Fidelity to nnU-Net v2 (nnUNetTrainer.get_training_transforms, batchgeneratorsv2) and MONAI
+# ------------------------------------------------------------------------------------------
+
+N_KEYS = 4000  # binomial sd at p = 0.5 is 0.008: the 0.04 tolerances below are 5 sd, and seeds are fixed
+
+
+@functools.lru_cache(maxsize=None)
+def _draws(params, n_ch, n=N_KEYS, seed=0):
+    fn = jax.jit(jax.vmap(lambda k: A.intensity_draws(A._Draws(k), n_ch, params)))
+    return {k: np.asarray(v) for k, v in fn(jax.random.split(key(seed), n)).items()}
+
+
+def test_nnunet_intensity_draws_match_nnunet():
+    d = _draws(PRESETS["nnunet"], 4)
+    for name, p in (("noise", 0.1), ("blur", 0.2), ("brightness", 0.15), ("contrast", 0.15),
+                    ("lowres", 0.25), ("gamma_inverted", 0.1), ("gamma", 0.3)):
+        assert abs(d[f"{name}_on"].mean() - p) < 0.025, name
+    # GaussianNoiseTransform: one std ~ U(0, 0.1) for all channels
+    assert d["noise_std"].shape == (N_KEYS,) and 0 <= d["noise_std"].min() and d["noise_std"].max() <= 0.1
+    assert abs(d["noise_std"].mean() - 0.05) < 0.003
+    # blur and low-res: each channel independently with p 0.5, its own sigmas per axis / own zoom
+    for name in ("blur", "lowres"):
+        ch = d[f"{name}_channels"]
+        assert ch.shape == (N_KEYS, 4) and np.all(np.abs(ch.mean(axis=0) - 0.5) < 0.04), name
+        assert abs((ch[:, 0] & ch[:, 1]).mean() - 0.25) < 0.04, name
+    sig = d["blur_sigma"]
+    assert sig.shape == (N_KEYS, 4, 3) and sig.min() >= 0.5 and sig.max() <= 1.0
+    assert abs(sig.mean() - 0.75) < 0.01
+    assert np.all(sig[:, 0, 0] != sig[:, 1, 0]) and np.all(sig[:, 0, 0] != sig[:, 0, 1])
+    zoom = d["lowres_zoom"]
+    assert zoom.shape == (N_KEYS, 4) and zoom.min() >= 0.5 and zoom.max() <= 1.0
+    assert abs(zoom.mean() - 0.75) < 0.01 and np.all(zoom[:, 0] != zoom[:, 1])
+    # brightness, contrast, gamma: own factor per channel (synchronize_channels=False)
+    for name, (lo, hi) in (("brightness", (0.75, 1.25)), ("contrast", (0.75, 1.25)), ("gamma", (0.7, 1.5))):
+        f = d[name]
+        assert f.min() >= lo and f.max() <= hi and np.all(f[:, 0] != f[:, 1]), name
+        assert abs((f < 1).mean() - 0.5) < 0.04, name  # BGContrast: half the draws below 1
+
+
+def test_neonatal_scale_intensity_is_one_factor_for_all_channels():
+    d = _draws(PRESETS["neonatal"], 3)
+    f = d["brightness"]
+    assert np.all(f == f[:, :1]) and f.min() >= 0.9 and f.max() <= 1.1
+    assert abs(f.mean() - 1.0) < 0.003 and abs(d["brightness_on"].mean() - 0.24) < 0.025
+    # RandGaussianSmooth / RandGaussianNoise: every channel, shared sigmas; noise std U(0, 0.01)
+    assert np.all(d["blur_channels"]) and np.all(d["blur_sigma"] == d["blur_sigma"][:, :1])
+    assert d["noise_std"].max() <= 0.01 and abs(d["noise_std"].mean() - 0.005) < 0.0003
+
+
+NOISE_ONLY = AugmentParams(**{f: getattr(PRESETS["nnunet"], f)
+                              for f in ("noise_range", "noise_param", "noise_shared_field")}, p_noise=1.0)
+
+
+def test_nnunet_noise_is_a_std():
+    """Zero images: every sample is std * N(0, 1) with std ~ U(0, 0.1), the same field in every
+    channel (np.random.normal(0, sigma) expanded over the channels)."""
+    zeros = jnp.zeros((128, 8, 8, 8, 2), jnp.float32)
+    label = jnp.zeros(zeros.shape[:4], jnp.int32)
+    x, _, _ = _jitted(NOISE_ONLY)(key(5), zeros, label, jnp.ones(label.shape))
+    x = np.asarray(x)
+    np.testing.assert_array_equal(x[..., 0], x[..., 1])
+    per_sample = x[..., 0].reshape(128, -1).std(axis=1)
+    assert per_sample.max() < 0.1 * 1.15  # 512 voxels: the estimate is within ~3 % of the std
+    assert abs(per_sample.mean() - 0.05) < 0.008  # E[U(0, 0.1)] (sd of this mean ~0.0026)
+    # overall RMS sqrt(E[std^2]) = 0.1 / sqrt(3); reading the value as a variance gave ~0.22
+    assert abs(np.sqrt(np.mean(x ** 2)) - 0.1 / np.sqrt(3)) < 0.006
+
+
+def _only(names, **extra):
+    n = PRESETS["nnunet"]
+    return AugmentParams(**{f: getattr(n, f) for f in names}, **extra)
+
+
+BLUR_ONLY = _only(("blur_sigma", "p_blur_channel", "blur_per_channel"), p_blur=1.0)
+LOWRES_ONLY = _only(("lowres_zoom", "p_lowres_channel", "lowres_per_channel"), p_lowres=1.0)
+
+
+@pytest.mark.parametrize("which", ["blur", "lowres"])
+def test_per_channel_blur_and_lowres_apply_the_drawn_parameters(which):
+    params = BLUR_ONLY if which == "blur" else LOWRES_ONLY
+    image, label, mask = random_batch((2, 8, 9, 10), channels=4, seed=7)
+    fn = _jitted(params)
+    seen = set()
+    for i in range(4):
+        x, _, _ = fn(key(i), image, label, mask)
+        for b, k in enumerate(jax.random.split(key(i), 2)):
+            d = A.intensity_draws(A._Draws(jax.random.split(k, 3)[0]), 4, params)
+            for c in range(4):
+                src, out = np.asarray(image[b, ..., c]), np.asarray(x[b, ..., c])
+                if not bool(d[f"{which}_channels"][c]):
+                    np.testing.assert_array_equal(out, src)
+                elif which == "blur":
+                    want = ndi.gaussian_filter(src, np.asarray(d["blur_sigma"][c]), mode="reflect", truncate=3.0)
+                    np.testing.assert_allclose(out, want, atol=1e-5)
+                else:
+                    want = np.asarray(A.simulate_low_resolution(image[b, ..., c:c + 1], d["lowres_zoom"][c]))
+                    np.testing.assert_allclose(out, want[..., 0], atol=1e-5)
+                seen.add(bool(d[f"{which}_channels"][c]))
+    assert seen == {True, False}
+
+
+def test_dummy_2d_rule():
+    n = PRESETS["nnunet"]
+    assert A.for_patch(n, (16, 64, 64)).dummy_2d_axis == 0
+    assert A.for_patch(n, (64, 80, 20)).dummy_2d_axis == 2
+    assert A.for_patch(n, (16, 48, 48)) is n  # ratio 3 is not > 3
+    assert A.for_patch(n, (64, 64, 64)) is n
+    assert A.for_patch(PRESETS["neonatal"], (16, 64, 64)) is PRESETS["neonatal"]
+    p = A.for_patch(n, (16, 64, 64))
+    assert p.rotation_deg == ((-180.0, 180.0), (0.0, 0.0), (0.0, 0.0)) and p.p_scale == 0.2
+
+
+def test_dummy_2d_rotates_and_scales_in_plane_only():
+    params = AugmentParams(p_rotation=1.0, rotation_deg=((-180.0, 180.0),) * 3, p_scale=1.0,
+                           scale_range=(0.7, 1.4), dummy_2d_axis=2)
+    flips = [jnp.array(False)] * 3
+    fn = jax.jit(lambda k: A.sampling_coordinates(A._Draws(k), k, (12, 12, 8), (8, 8, 4), params, flips))
+    moved = 0.0
+    for i in range(8):
+        coords = [np.asarray(c) for c in fn(key(i))]
+        # the out-of-plane axis keeps its grid exactly: voxel index + the centre-crop offset
+        np.testing.assert_array_equal(coords[2], np.broadcast_to(np.arange(4.0) + 2, (8, 8, 4)))
+        moved += np.abs(coords[0] - (np.arange(8.0)[:, None, None] + 2)).max()
+    assert moved > 1.0  # the in-plane axes do rotate / scale
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_every_preset_takes_eight_channels(name):
+    image, label, mask = random_batch((1, 8, 8, 8), channels=8, seed=2)
+    x, y, m = _jitted(PRESETS[name])(key(3), image, label, mask)
+    assert x.shape == image.shape and bool(jnp.isfinite(x).all())

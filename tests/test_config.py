@@ -393,3 +393,10 @@ def test_frozen():
     with pytest.raises(dataclasses.FrozenInstanceError):
         cfg.model.features_base = 16  # type: ignore[misc]
     assert isinstance(cfg.data.patch_size, tuple) and isinstance(cfg.eval.percentiles, tuple)
+
+
+def test_lesion_empty_pred_convention():
+    assert load_config(None, []).eval.lesion_empty_pred == "zero"
+    assert load_config(None, ["eval.lesion_empty_pred=nan"]).eval.lesion_empty_pred == "nan"
+    with pytest.raises(ConfigError, match="lesion_empty_pred"):
+        load_config(None, ["eval.lesion_empty_pred=0"])

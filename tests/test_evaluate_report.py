@@ -146,7 +146,54 @@ def test_evaluate_lesions(data):
     assert np.isfinite(corr) and summary["volume_correlation"] == pytest.approx(corr)
     means = [np.nanmean([r[k] for r in rows]) for k in ("dice", "ppv", "ltpr", "lfpr")]
     assert summary["isbi_score"] == pytest.approx(M.isbi_score(*means, corr))
-    assert summary["dice"]["n"] == 6 and summary["ppv"]["n"] == 5  # s1 predicts no lesion: PPV NaN
+    assert summary["dice"]["n"] == 6 and summary["ppv"]["n"] == 6  # s1 predicts no lesion: PPV 0
+    assert summary["empty_pred"] == "zero"
+
+
+# Lesion label 2: c0..s0 are perfect; s1 predicts nothing (Dice 0, TPR 0, LTPR 0); s2 has 16 lesion
+# voxels found plus one far false-positive voxel (Dice 32/33, PPV 16/17, LFPR 1/2).
+@pytest.mark.parametrize("empty_pred, ppv, lfpr, n", [
+    ("zero", (4 + 0 + 16 / 17) / 6, (0 + 0 + 1 / 2) / 6, 6),
+    ("nan", (4 + 16 / 17) / 5, (0 + 1 / 2) / 5, 5),
+])
+def test_evaluate_lesions_empty_prediction(data, empty_pred, ppv, lfpr, n):
+    rows, summary = evaluate_lesions(data["pred_dir"], data["refs"], lesion_label=2, num_workers=1,
+                                     empty_pred=empty_pred)
+    s1 = next(r for r in rows if r["case"] == "s1")
+    assert s1["n_lesions_pred"] == 0 and s1["dice"] == 0.0 and s1["ltpr"] == 0.0
+    if empty_pred == "zero":
+        assert s1["ppv"] == 0.0 and s1["lfpr"] == 0.0
+    else:
+        assert math.isnan(s1["ppv"]) and math.isnan(s1["lfpr"])
+    assert summary["empty_pred"] == empty_pred
+    assert summary["ppv"]["n"] == summary["lfpr"]["n"] == n
+    assert summary["ppv"]["mean"] == pytest.approx(ppv) and summary["lfpr"]["mean"] == pytest.approx(lfpr)
+    dice, ltpr = (4 + 0 + 32 / 33) / 6, 5 / 6
+    corr = summary["volume_correlation"]
+    assert summary["isbi_score"] == pytest.approx(dice / 8 + ppv / 8 + (1 - lfpr) / 4 + ltpr / 4 + corr / 4)
+    with pytest.raises(ValueError, match="empty_pred"):
+        evaluate_lesions(data["pred_dir"], data["refs"], lesion_label=2, num_workers=1, empty_pred="0")
+
+
+@pytest.mark.parametrize("empty_pred", ["zero", "nan"])
+def test_ablation_table_states_empty_convention(tmp_path, empty_pred):
+    from jaxseg.tiles import ablation
+
+    ref = np.zeros((6, 6, 6), np.uint8)
+    ref[1:3, 1:3, 1:3] = 1
+    pred = ref.copy()
+    pred[5, 5, 5] = 1  # one false-positive component: PPV 8/9, LFPR 1/2
+    rows = [{"variant": "v", "case": c, "site": 0, "seconds": 0.0,
+             **ablation.case_metrics(p, ref, (1.0, 1.0, 1.0), empty_pred)}
+            for c, p in (("a", pred), ("b", np.zeros_like(ref)))]
+    out = ablation.summarise(rows)
+    if empty_pred == "zero":
+        assert out["ppv"] == pytest.approx((8 / 9 + 0) / 2) and out["lfpr"] == pytest.approx((1 / 2 + 0) / 2)
+    else:
+        assert out["ppv"] == pytest.approx(8 / 9) and out["lfpr"] == pytest.approx(1 / 2)
+    ablation._write(tmp_path, [{"variant": "v", "test": "t", **out}], rows, {}, {}, empty_pred)
+    assert M.EMPTY_PRED_NOTES[empty_pred] in (tmp_path / "table.md").read_text()
+    assert json.loads((tmp_path / "table.json").read_text())["empty_pred"] == empty_pred
 
 
 # --------------------------------------------------------------------------- tables

@@ -60,3 +60,19 @@ def test_demo_end_to_end_tiny(tmp_path):
         assert len(list((work / method / "predictions").glob("*.nii.gz"))) == 4
     rows = (work / "metrics.csv").read_text().splitlines()
     assert len(rows) == 1 + 2 * 4
+
+
+@pytest.mark.parametrize("flags, want", [([], "zero"), (["--lesion-empty-pred", "nan"], "nan"),
+                                         (["eval.lesion_empty_pred=nan"], "nan")])
+def test_dlb_ablation_empty_prediction_switch(tmp_path, monkeypatch, flags, want):
+    from jaxseg.tiles import ablation
+
+    seen = {}
+
+    def fake(cfg, workdir):
+        seen["cfg"] = cfg
+        return {"timings": {"total_s": 0.0}}
+
+    monkeypatch.setattr(ablation, "run_ablation", fake)
+    assert main(["dlb-ablation", "--workdir", str(tmp_path), *flags]) == 0
+    assert seen["cfg"].eval.lesion_empty_pred == want

@@ -115,12 +115,16 @@ def test_dice_matches_set_formula_random():
         assert got[l] == pytest.approx(2 * len(a & b) / (len(a) + len(b)))
 
 
-def test_ppv_tpr_empty_are_nan():
+def test_ppv_tpr_empty():
     z = np.zeros((3, 3, 3), bool)
     one = z.copy()
     one[1, 1, 1] = True
-    assert math.isnan(M.ppv(z, one)) and M.tpr(z, one) == 0.0
-    assert math.isnan(M.tpr(one, z)) and M.ppv(one, z) == 0.0
+    # an empty prediction scores PPV 0 by default (ISBI 2015), NaN under the "nan" convention
+    assert M.ppv(z, one) == 0.0 and M.ppv(z, z) == 0.0 and M.tpr(z, one) == 0.0
+    assert math.isnan(M.ppv(z, one, "nan")) and math.isnan(M.ppv(z, z, empty_pred="nan"))
+    assert math.isnan(M.tpr(one, z)) and M.ppv(one, z) == 0.0 and M.ppv(one, z, "nan") == 0.0
+    with pytest.raises(ValueError, match="empty_pred"):
+        M.ppv(z, one, "zeros")
 
 
 def test_shape_mismatch_raises():
@@ -254,9 +258,10 @@ def test_lesion_empty_conventions():
     z = np.zeros((4, 4, 4), bool)
     one = z.copy()
     one[1, 1, 1] = True
-    assert math.isnan(M.ltpr(one, z)) and M.lfpr(one, z) == 1.0
-    assert math.isnan(M.lfpr(z, one)) and M.ltpr(z, one) == 0.0
-    assert math.isnan(M.ltpr(z, z)) and math.isnan(M.lfpr(z, z))
+    assert math.isnan(M.ltpr(one, z)) and M.lfpr(one, z) == 1.0 and M.lfpr(one, z, "nan") == 1.0
+    assert M.lfpr(z, one) == 0.0 and M.ltpr(z, one) == 0.0
+    assert math.isnan(M.ltpr(z, z)) and M.lfpr(z, z) == 0.0
+    assert math.isnan(M.lfpr(z, one, "nan")) and math.isnan(M.lfpr(z, z, empty_pred="nan"))
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2, 3])

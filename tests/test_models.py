@@ -210,6 +210,37 @@ def test_build_model_from_config():
 # -------------------------------------------------------------------------- compact U-Net
 
 
+# The authors' Keras network (DeepLesionBrain's modelos.py, load_UNET3D_SLANT27_v2_groupNorm with
+# ch=2, nc=2, nf=24): (parameter path, kernel shape) of each conv, and the channels each GroupNorm sees.
+DLB_REFERENCE_CONVS = [
+    ("encoder_0/block_0", (3, 3, 3, 2, 24)), ("encoder_0/block_1", (3, 3, 3, 24, 48)),
+    ("encoder_1/block_0", (3, 3, 3, 48, 48)), ("encoder_1/block_1", (3, 3, 3, 48, 96)),
+    ("encoder_2/block_0", (3, 3, 3, 96, 96)), ("encoder_2/block_1", (3, 3, 3, 96, 192)),
+    ("bottleneck", (3, 3, 3, 192, 384)),
+    ("decoder_2", (3, 3, 3, 384 + 192, 192)), ("decoder_1", (3, 3, 3, 192 + 96, 96)),
+    ("decoder_0", (3, 3, 3, 96 + 48, 96)),
+    ("head", (3, 3, 3, 96, 2)),
+]
+DLB_REFERENCE_NORMS = {"encoder_0/block_1": 24, "encoder_1/block_0": 48, "encoder_1/block_1": 48,
+                       "encoder_2/block_0": 96, "encoder_2/block_1": 96, "bottleneck": 192,
+                       "decoder_2": 576, "decoder_1": 288, "decoder_0": 144}
+
+
+def test_compact_unet_matches_reference_layers():
+    model = CompactUNet(num_classes=2)
+    v = jax.eval_shape(model.init, jax.random.key(0), jax.ShapeDtypeStruct((1, 96, 96, 96, 2), jnp.float32))
+    flat = {"/".join(str(k.key) for k in path): leaf.shape
+            for path, leaf in jax.tree_util.tree_leaves_with_path(v["params"])}
+    expected = {}
+    for name, shape in DLB_REFERENCE_CONVS:
+        conv = name if name == "head" else f"{name}/conv"
+        expected[f"{conv}/kernel"], expected[f"{conv}/bias"] = shape, shape[-1:]
+    for name, c in DLB_REFERENCE_NORMS.items():
+        expected[f"{name}/norm/scale"] = expected[f"{name}/norm/bias"] = (c,)
+    assert flat == expected
+    assert n_params(v) == 7_071_386  # the reference model's count
+
+
 def test_compact_unet_parameter_count():
     model = CompactUNet(num_classes=2)
     v = jax.eval_shape(model.init, jax.random.key(0), jax.ShapeDtypeStruct((1, 96, 96, 96, 2), jnp.float32))
@@ -217,11 +248,9 @@ def test_compact_unet_parameter_count():
     def conv(i, o, k=27):
         return k * i * o + o
 
-    enc = [(2, 24), (24, 48), (48, 48), (48, 96), (96, 96), (96, 192), (192, 192), (192, 384)]
-    dec = [(384 + 192, 192), (192 + 96, 96), (96 + 48, 48)]
-    expected = sum(conv(i, o) for i, o in enc + dec) + conv(48, 2, 1)
-    expected += sum(2 * i for i, _ in enc + dec)  # GroupNorm scale and bias on each conv's input
-    assert n_params(v) == expected == 7_875_534
+    convs = [shape[3:] for _, shape in DLB_REFERENCE_CONVS]
+    expected = sum(conv(i, o) for i, o in convs) + sum(2 * c for c in DLB_REFERENCE_NORMS.values())
+    assert n_params(v) == expected == 7_071_386
 
 
 def test_compact_unet_forward_and_dropout():

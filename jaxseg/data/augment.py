@@ -106,12 +106,19 @@ class AugmentParams:
       what "sigma 5-8, magnitude 40-80" refers to.
     - ``p_mirror``: per-axis flip probability.
 
-    Intensity (image only): ``noise_range`` is the variance (``noise_param="variance"``,
-    nnU-Net) or the std (``"std"``, MONAI RandGaussianNoise) range, shared by the channels;
-    ``blur_sigma`` is sampled per axis (nnU-Net ``synchronize_axes=False``); brightness is a
-    multiplier per channel; ``shift_range`` an additive offset (MONAI RandShiftIntensity);
-    contrast scales around the per-channel mean and clips to the original per-channel range;
-    low-res zooms all axes by one factor (nearest down, linear up); gamma rescales each channel to
+    Intensity (image only): ``noise_range`` is the range of the noise std (``noise_param="std"``:
+    nnU-Net v2's GaussianNoiseTransform, despite its argument name ``noise_variance``, and MONAI
+    RandGaussianNoise) or of its variance (``"variance"``), one value shared by the channels;
+    ``noise_shared_field`` adds the very same noise field to every channel (nnU-Net's
+    ``synchronize_channels=True`` expands one field over the channels). ``blur_sigma`` is sampled
+    per axis (nnU-Net ``synchronize_axes=False``); each channel is blurred with probability
+    ``p_blur_channel`` and, with ``blur_per_channel``, its own sigmas (nnU-Net: 0.5, own sigmas;
+    MONAI RandGaussianSmooth: all channels, shared sigmas). Brightness is a multiplier per channel
+    (``brightness_per_channel``; MONAI RandScaleIntensity's default draws one for all channels);
+    ``shift_range`` an additive offset (MONAI RandShiftIntensity); contrast scales around the
+    per-channel mean and clips to the original per-channel range; low-res zooms all axes by one
+    factor (nearest down, linear up), each channel with probability ``p_lowres_channel`` and, with
+    ``lowres_per_channel``, its own factor (nnU-Net: 0.5, own factor); gamma rescales each channel to
     [0, 1], raises to gamma, rescales back and (``gamma_retain_stats``) restores the mean and std
     (so with retain_stats the range is NOT kept exactly: that is what nnU-Net does); the inverted
     gamma applies the same to ``-image``. With ``two_sided_sampling`` (nnU-Net's ``BGContrast``)
@@ -123,6 +130,12 @@ class AugmentParams:
     U(iqda_alpha) / mean filter of size sz (drawn from ``iqda_axial_sizes``) along
     ``iqda_axis``; none with probability ``iqda_p_none`` and the other three in proportion to
     ``iqda_weights``. Labels unchanged.
+
+    Anisotropic patches (nnU-Net's dummy 2D augmentation): ``dummy_2d_axis`` (None: off) is the
+    out-of-plane axis a; rotation is about a only, scaling and elastic deformation act in the
+    plane of the other two axes and low-res simulation leaves a alone. :func:`for_patch` sets it,
+    with nnU-Net's +-180 deg in-plane rotation, when ``anisotropy_rule`` is on and the patch is
+    anisotropic (see there).
     """
 
     # spatial
@@ -140,16 +153,22 @@ class AugmentParams:
     p_noise: float = 0.0
     noise_range: Range = (0.0, 0.1)
     noise_param: str = "variance"
+    noise_shared_field: bool = False
     p_blur: float = 0.0
     blur_sigma: Range = (0.5, 1.0)
+    p_blur_channel: float = 1.0
+    blur_per_channel: bool = False
     p_brightness: float = 0.0
     brightness_range: Range = (0.75, 1.25)
+    brightness_per_channel: bool = True
     p_shift: float = 0.0
     shift_range: Range = (-0.1, 0.1)
     p_contrast: float = 0.0
     contrast_range: Range = (0.75, 1.25)
     p_lowres: float = 0.0
     lowres_zoom: Range = (0.5, 1.0)
+    p_lowres_channel: float = 1.0
+    lowres_per_channel: bool = False
     p_gamma_inverted: float = 0.0
     p_gamma: float = 0.0
     gamma_range: Range = (0.7, 1.5)
@@ -163,6 +182,9 @@ class AugmentParams:
     iqda_alpha: Range = (1.0, 1.0)
     iqda_axial_sizes: tuple[int, ...] = (2, 3, 4)
     iqda_axis: int = 2
+    # anisotropic patches
+    dummy_2d_axis: Optional[int] = None
+    anisotropy_rule: bool = False
 
     def __post_init__(self):
         # Normalise lists (YAML) to tuples so the object stays hashable, then validate.
@@ -210,6 +232,8 @@ class AugmentParams:
         set_("iqda_axial_sizes", sizes)
         if self.iqda_axis not in (0, 1, 2):
             raise ValueError("AugmentParams.iqda_axis must be 0, 1 or 2")
+        if self.dummy_2d_axis not in (None, 0, 1, 2):
+            raise ValueError("AugmentParams.dummy_2d_axis must be None, 0, 1 or 2")
 
     # -- static facts used to prune the traced program --------------------------------------
     @property
@@ -228,23 +252,48 @@ class AugmentParams:
 
 NONE = AugmentParams()
 
-# nnU-Net v2 defaults for 3D isotropic data (SPEC 1).
+# nnU-Net v2's nnUNetTrainer.get_training_transforms for 3D data. Its GaussianNoiseTransform
+# (noise_variance=(0, 0.1), synchronize_channels=True) passes the drawn value to np.random.normal
+# as the std and adds one field to all channels; blur and low-res hit each channel with p 0.5 and
+# its own sigmas / zoom (synchronize_channels=False).
 NNUNET = AugmentParams(
     p_rotation=0.2, rotation_deg=((-30.0, 30.0),) * 3,
     p_scale=0.2, scale_range=(0.7, 1.4),
     p_mirror=(0.5, 0.5, 0.5),
-    p_noise=0.1, noise_range=(0.0, 0.1), noise_param="variance",
-    p_blur=0.2, blur_sigma=(0.5, 1.0),
+    p_noise=0.1, noise_range=(0.0, 0.1), noise_param="std", noise_shared_field=True,
+    p_blur=0.2, blur_sigma=(0.5, 1.0), p_blur_channel=0.5, blur_per_channel=True,
     p_brightness=0.15, brightness_range=(0.75, 1.25),
     p_contrast=0.15, contrast_range=(0.75, 1.25),
-    p_lowres=0.25, lowres_zoom=(0.5, 1.0),
+    p_lowres=0.25, lowres_zoom=(0.5, 1.0), p_lowres_channel=0.5, lowres_per_channel=True,
     p_gamma_inverted=0.1, p_gamma=0.3, gamma_range=(0.7, 1.5), gamma_retain_stats=True,
+    anisotropy_rule=True,
 )
+
+# nnU-Net's do_dummy_2d_data_aug threshold, and its in-plane rotation range then (degrees).
+ANISO_THRESHOLD = 3.0
+DUMMY_2D_ROTATION_DEG = (-180.0, 180.0)
+
+
+def for_patch(params: AugmentParams, patch_size) -> AugmentParams:
+    """``params`` for training patches of ``patch_size``: with ``params.anisotropy_rule``, nnU-Net's
+    dummy 2D augmentation (in-plane rotation of +-180 deg, in-plane scaling) when
+    ``max(patch) / min(patch) > ANISO_THRESHOLD``, the shortest patch axis being out of plane.
+
+    nnU-Net tests ``max(patch) / patch[0]``: it has transposed the data so that axis 0 has the
+    coarsest spacing, which is the axis its planner gives the fewest voxels. jaxseg keeps the
+    input's axis order, so the short axis is found instead of assumed to be axis 0.
+    """
+    patch = tuple(int(n) for n in patch_size)
+    axis = int(np.argmin(patch))
+    if not params.anisotropy_rule or max(patch) / patch[axis] <= ANISO_THRESHOLD:
+        return params
+    rotation = tuple(DUMMY_2D_ROTATION_DEG if a == axis else (0.0, 0.0) for a in range(3))
+    return dataclasses.replace(params, dummy_2d_axis=axis, rotation_deg=rotation)
 
 # Neonatal (Richter & Fetit, MONAI): flips p 0.1 per axis; Rand3DElastic p 0.24 with sigma 5-8,
 # magnitude 40-80, rotation +-5/+-5/+-180 deg and scale +-15 % applied together; noise std
-# U(0, 0.01) p 0.13; smoothing sigma 0.5-1.15 p 0.13; intensity scale x(1 +- 0.1) p 0.24;
-# shift +-0.1 p 0.24.
+# U(0, 0.01) p 0.13; smoothing sigma 0.5-1.15 p 0.13; intensity scale x(1 +- 0.1) p 0.24, one
+# factor for all channels (RandScaleIntensity's channel_wise=False); shift +-0.1 p 0.24.
 NEONATAL = AugmentParams(
     p_mirror=(0.1, 0.1, 0.1),
     p_spatial=0.24, p_rotation=1.0, p_scale=1.0, p_elastic=1.0,
@@ -253,7 +302,7 @@ NEONATAL = AugmentParams(
     elastic_sigma=(5.0, 8.0), elastic_magnitude=(40.0, 80.0),
     p_noise=0.13, noise_range=(0.0, 0.01), noise_param="std",
     p_blur=0.13, blur_sigma=(0.5, 1.15),
-    p_brightness=0.24, brightness_range=(0.9, 1.1),
+    p_brightness=0.24, brightness_range=(0.9, 1.1), brightness_per_channel=False,
     p_shift=0.24, shift_range=(-0.1, 0.1),
 )
 
@@ -279,26 +328,39 @@ PRESETS: dict[str, AugmentParams] = {
 # ------------------------------------------------------------------------------------------
 
 class _Draws:
-    """All scalar random numbers of one sample, from ONE uniform vector draw.
+    """All scalar random numbers of one sample, from a few uniform vector draws.
 
     Every transform consumes consecutive entries (a static, trace-time cursor), so a sample costs
-    one threefry call for its ~40 scalars instead of one per parameter: that cut XLA:CPU compile
-    time of the nnU-Net preset by about half. Array-sized noise draws use their own keys.
+    one threefry call per SIZE scalars instead of one per parameter: that cut XLA:CPU compile
+    time of the nnU-Net preset by about half. Per-channel parameters grow with the channel count,
+    so a request that does not fit opens a new block (key folded with the block number).
+    Array-sized noise draws use their own keys.
     """
 
     SIZE = 96
 
     def __init__(self, key):
-        self._u = jax.random.uniform(key, (self.SIZE,), _F32)
+        self._key = key
+        self._blocks = 0
+        self._new_block(self.SIZE)
+
+    def _new_block(self, size: int):
+        key = self._key if self._blocks == 0 else jax.random.fold_in(self._key, self._blocks)
+        self._u = jax.random.uniform(key, (size,), _F32)
         self._i = 0
+        self._blocks += 1
 
     def next(self, n: Optional[int] = None):
         m = 1 if n is None else n
-        if self._i + m > self.SIZE:
-            raise RuntimeError("augment: _Draws.SIZE too small for these parameters")
+        if self._i + m > self._u.shape[0]:
+            self._new_block(max(self.SIZE, m))
         out = self._u[self._i:self._i + m]
         self._i += m
         return out[0] if n is None else out
+
+    def bernoullis(self, p: float, n: int):
+        """n independent booleans, each True with probability p."""
+        return self.next(n) < p
 
     def uniform(self, lo: float, hi: float, n: Optional[int] = None):
         # lo + 0 * u is exactly lo: a degenerate range gives exactly its value.
@@ -498,12 +560,17 @@ def sampling_coordinates(draws: _Draws, key, in_shape, out_shape, params: Augmen
         on = gate & draws.bernoulli(params.p_rotation)
         lo = np.deg2rad([r[0] for r in params.rotation_deg]).astype(np.float32)
         hi = np.deg2rad([r[1] for r in params.rotation_deg]).astype(np.float32)
+        if params.dummy_2d_axis is not None:  # in-plane: about the out-of-plane axis only
+            others = [a for a in range(3) if a != params.dummy_2d_axis]
+            lo[others] = hi[others] = 0.0
         angles = jnp.where(on, lo + (hi - lo) * draws.next(3), 0.0)
     scale = jnp.array(1.0, _F32)
     if params.p_scale > 0:
         on = gate & draws.bernoulli(params.p_scale)
         scale = jnp.where(on, draws.uniform(*params.scale_range), 1.0)
-    affine = rotation_matrix(angles) * scale
+    # R @ diag(scale per axis); dummy 2D leaves the out-of-plane axis unscaled
+    axis_scale = jnp.stack([jnp.ones_like(scale) if a == params.dummy_2d_axis else scale for a in range(3)])
+    affine = rotation_matrix(angles) * axis_scale[None, :]
 
     centre = [(n - 1) / 2.0 for n in out_shape]
     offset = _centre_offset(in_shape, out_shape)
@@ -520,7 +587,7 @@ def sampling_coordinates(draws: _Draws, key, in_shape, out_shape, params: Augmen
         magnitude = draws.uniform(*params.elastic_magnitude)
         d = lax.cond(on, lambda k: elastic_displacement(k, out_shape, sigma, magnitude, params),
                      lambda k: jnp.zeros((3,) + tuple(out_shape), _F32), key)
-        u = [u[i] + d[i] for i in range(3)]
+        u = [u[i] if i == params.dummy_2d_axis else u[i] + d[i] for i in range(3)]  # dummy 2D: in-plane
     coords = []
     for i in range(3):
         c = affine[i, 0] * u[0] + affine[i, 1] * u[1] + affine[i, 2] * u[2]
@@ -648,57 +715,122 @@ def _lowres_matrix(n: int, zoom):
             + jnp.where(cols == src(k1)[:, None], w[:, None], 0.0))
 
 
-def simulate_low_resolution(x, zoom):
-    """Downsample (nearest) by ``zoom`` then upsample (linear) back, separably, static shapes.
+def simulate_low_resolution(x, zoom, axes: Sequence[int] = (0, 1, 2)):
+    """Downsample (nearest) by ``zoom`` then upsample (linear) back along ``axes``, separably,
+    static shapes. ``zoom`` is a scalar or one factor per channel (the last axis of ``x``).
 
-    One (n, n) resampling matrix per axis applied by a contraction (a batched matmul under vmap;
-    a gather with per-sample indices is several times slower on CPU under vmap).
+    One (n, n) resampling matrix per axis (and channel) applied by a contraction (a batched matmul
+    under vmap; a gather with per-sample indices is several times slower on CPU under vmap).
     """
-    for axis in range(3):
-        x = apply_along_axis(x, _lowres_matrix(x.shape[axis], zoom), axis)
+    zoom = jnp.asarray(zoom, _F32)
+    for axis in axes:
+        n = x.shape[axis]
+        if zoom.ndim == 0:
+            x = apply_along_axis(x, _lowres_matrix(n, zoom), axis)
+        else:
+            x = apply_along_axis_per_channel(x, jax.vmap(lambda z: _lowres_matrix(n, z))(zoom), axis)
     return x
 
 
-def _intensity(draws: _Draws, key, x, params: AugmentParams):
-    n_ch = x.shape[-1]
+def apply_along_axis_per_channel(x, matrices, axis: int):
+    """``out[..., c] = matrices[c] @ x[..., c]`` along ``axis``; x (X, Y, Z, C), matrices (C, n, n)."""
+    letters = "abc"
+    out = letters.replace(letters[axis], "z")
+    return jnp.einsum(f"dz{letters[axis]},{letters}d->{out}d", matrices, x,
+                      precision=lax.Precision.HIGHEST)
+
+
+def gaussian_blur_per_channel(x, sigmas, sigma_max: float, truncate: float = TRUNCATE):
+    """Separable Gaussian blur of x (X, Y, Z, C) with ``sigmas`` (C, 3): each channel its own per
+    axis sigmas; equals :func:`gaussian_blur` channel by channel."""
+    radius = max(1, int(math.floor(truncate * sigma_max + 0.5)))
+    for axis in range(3):
+        n = x.shape[axis]
+        mats = jax.vmap(lambda s: filter_matrix(gaussian_kernel_1d(s, radius, truncate), n))(sigmas[:, axis])
+        x = apply_along_axis_per_channel(x, mats, axis)
+    return x
+
+
+def _channel_choice(draws: _Draws, p: float, n_ch: int):
+    # p = 1 draws nothing, so presets without per-channel choices keep their random streams
+    return draws.bernoullis(p, n_ch) if p < 1 else jnp.ones((n_ch,), bool)
+
+
+def intensity_draws(draws: _Draws, n_ch: int, params: AugmentParams) -> dict:
+    """Every random intensity parameter of one sample (the ``on`` flags, per-channel choices,
+    sigmas, factors), in the order :func:`_intensity` consumes them. Public for the tests."""
     two = params.two_sided_sampling
-
+    d: dict = {}
     if params.p_noise > 0:
-        on = draws.bernoulli(params.p_noise)
+        d["noise_on"] = draws.bernoulli(params.p_noise)
         v = draws.uniform(*params.noise_range)
-        std = jnp.sqrt(v) if params.noise_param == "variance" else v
-        x = _maybe(on, lambda x: x + std * _flat_normal(key, x.shape), x)
-
+        d["noise_std"] = jnp.sqrt(v) if params.noise_param == "variance" else v
     if params.p_blur > 0:
-        on = draws.bernoulli(params.p_blur)
-        sigma = draws.uniform(*params.blur_sigma, 3)
-        x = _maybe(on, lambda x: gaussian_blur(x, sigma, params.blur_sigma[1]), x)
-
+        d["blur_on"] = draws.bernoulli(params.p_blur)
+        d["blur_channels"] = _channel_choice(draws, params.p_blur_channel, n_ch)
+        # (C, 3): own sigmas per channel and axis, or one triple shared by the channels
+        sig = draws.uniform(*params.blur_sigma, 3 * n_ch if params.blur_per_channel else 3)
+        d["blur_sigma"] = jnp.broadcast_to(sig.reshape(-1, 3), (n_ch, 3))
     if params.p_brightness > 0:
-        on = draws.bernoulli(params.p_brightness)
-        factor = draws.factor(params.brightness_range, n_ch, two)
-        x = _maybe(on, lambda x: x * factor, x)
-
+        d["brightness_on"] = draws.bernoulli(params.p_brightness)
+        f = draws.factor(params.brightness_range, n_ch if params.brightness_per_channel else None, two)
+        d["brightness"] = jnp.broadcast_to(f, (n_ch,))
     if params.p_shift > 0:
-        on = draws.bernoulli(params.p_shift)
-        shift = draws.uniform(*params.shift_range)
-        x = _maybe(on, lambda x: x + shift, x)
-
+        d["shift_on"] = draws.bernoulli(params.p_shift)
+        d["shift"] = draws.uniform(*params.shift_range)
     if params.p_contrast > 0:
-        on = draws.bernoulli(params.p_contrast)
-        factor = draws.factor(params.contrast_range, n_ch, two)
-        x = _maybe(on, lambda x: contrast_transform(x, factor), x)
-
+        d["contrast_on"] = draws.bernoulli(params.p_contrast)
+        d["contrast"] = draws.factor(params.contrast_range, n_ch, two)
     if params.p_lowres > 0:
-        on = draws.bernoulli(params.p_lowres)
-        zoom = draws.uniform(*params.lowres_zoom)
-        x = _maybe(on, lambda x: simulate_low_resolution(x, zoom), x)
-
-    for p, invert in ((params.p_gamma_inverted, True), (params.p_gamma, False)):
+        d["lowres_on"] = draws.bernoulli(params.p_lowres)
+        d["lowres_channels"] = _channel_choice(draws, params.p_lowres_channel, n_ch)
+        z = draws.uniform(*params.lowres_zoom, n_ch if params.lowres_per_channel else None)
+        d["lowres_zoom"] = jnp.broadcast_to(z, (n_ch,))
+    for name, p in (("gamma_inverted", params.p_gamma_inverted), ("gamma", params.p_gamma)):
         if p > 0:
-            on = draws.bernoulli(p)
-            gamma = draws.factor(params.gamma_range, n_ch, two)
-            x = _maybe(on, lambda x, g=gamma, inv=invert: gamma_transform(
+            d[f"{name}_on"] = draws.bernoulli(p)
+            d[name] = draws.factor(params.gamma_range, n_ch, two)
+    return d
+
+
+def _intensity(draws: _Draws, key, x, params: AugmentParams):
+    d = intensity_draws(draws, x.shape[-1], params)
+
+    if "noise_on" in d:
+        # nnU-Net's synchronize_channels=True: one field expanded over the channels
+        shape = x.shape[:3] + (1,) if params.noise_shared_field else x.shape
+        x = _maybe(d["noise_on"], lambda x: x + d["noise_std"] * _flat_normal(key, shape), x)
+
+    if "blur_on" in d:
+        smax = params.blur_sigma[1]
+        if params.blur_per_channel:
+            blur = lambda x: gaussian_blur_per_channel(x, d["blur_sigma"], smax)  # noqa: E731
+        else:
+            blur = lambda x: gaussian_blur(x, d["blur_sigma"][0], smax)  # noqa: E731
+        if params.p_blur_channel < 1:
+            blur = lambda x, f=blur: jnp.where(d["blur_channels"], f(x), x)  # noqa: E731
+        x = _maybe(d["blur_on"], blur, x)
+
+    if "brightness_on" in d:
+        x = _maybe(d["brightness_on"], lambda x: x * d["brightness"], x)
+
+    if "shift_on" in d:
+        x = _maybe(d["shift_on"], lambda x: x + d["shift"], x)
+
+    if "contrast_on" in d:
+        x = _maybe(d["contrast_on"], lambda x: contrast_transform(x, d["contrast"]), x)
+
+    if "lowres_on" in d:
+        axes = tuple(a for a in range(3) if a != params.dummy_2d_axis)  # nnU-Net's ignore_axes
+        zoom = d["lowres_zoom"] if params.lowres_per_channel else d["lowres_zoom"][0]
+        lowres = lambda x: simulate_low_resolution(x, zoom, axes)  # noqa: E731
+        if params.p_lowres_channel < 1:
+            lowres = lambda x, f=lowres: jnp.where(d["lowres_channels"], f(x), x)  # noqa: E731
+        x = _maybe(d["lowres_on"], lowres, x)
+
+    for name, invert in (("gamma_inverted", True), ("gamma", False)):
+        if f"{name}_on" in d:
+            x = _maybe(d[f"{name}_on"], lambda x, g=d[name], inv=invert: gamma_transform(
                 x, g, params.gamma_retain_stats, inv), x)
     return x
 

@@ -163,7 +163,7 @@ def _labels_case(task) -> dict[str, Any]:
 
 
 def _lesion_case(task) -> dict[str, Any]:
-    (case, pred_path, ref_path, stratum), method, lesion_labels, affine_atol = task
+    (case, pred_path, ref_path, stratum), method, lesion_labels, affine_atol, empty_pred = task
     pred, ref, spacing = _load_pair(pred_path, ref_path, affine_atol)
     p, r = np.isin(pred, lesion_labels), np.isin(ref, lesion_labels)
     return {
@@ -171,10 +171,10 @@ def _lesion_case(task) -> dict[str, Any]:
         "method": method,
         "stratum": stratum,
         "dice": M.dice(p, r),
-        "ppv": M.ppv(p, r),
+        "ppv": M.ppv(p, r, empty_pred),
         "tpr": M.tpr(p, r),
         "ltpr": M.ltpr(p, r),
-        "lfpr": M.lfpr(p, r),
+        "lfpr": M.lfpr(p, r, empty_pred),
         "n_lesions_pred": M.connected_components(p)[1],
         "n_lesions_ref": M.connected_components(r)[1],
         "vol_pred": M.volume_mm3(p, spacing),
@@ -236,6 +236,7 @@ def evaluate_lesions(
     num_workers: int = 2,
     allow_missing: bool = False,
     affine_atol: float = 1e-3,
+    empty_pred: M.EmptyPred = "zero",
 ) -> tuple[CaseRows, dict[str, Any]]:
     """Binary lesion evaluation: ``(rows, summary)``.
 
@@ -243,18 +244,23 @@ def evaluate_lesions(
     Rows: ``dice``, ``ppv``, ``tpr``, ``ltpr``, ``lfpr``, ``n_lesions_pred``, ``n_lesions_ref``,
     ``vol_pred``, ``vol_ref`` (mm^3). The summary has ``n_cases``, ``missing``, one
     :func:`~jaxseg.evaluation.metrics.summarize` dict per metric (``summary["dice"]["mean"]``),
-    ``volume_correlation`` (Pearson, across cases) and ``isbi_score``.
+    ``volume_correlation`` (Pearson, across cases), ``isbi_score`` and ``empty_pred``: the
+    convention for PPV / LFPR of an empty prediction (``"zero"``, the ISBI 2015 scoring, or
+    ``"nan"``: undefined, dropped from the means; see :mod:`jaxseg.evaluation.metrics`).
 
     The ISBI-2015 score is defined as the average over cases of
     ``Dice/8 + PPV/8 + (1 - LFPR)/4 + LTPR/4 + Corr/4`` with one across-case ``Corr``; being
     linear, that equals :func:`~jaxseg.evaluation.metrics.isbi_score` of the case means, which is
     what is computed (each mean NaN-aware: cases where a ratio is undefined drop out of it).
     """
+    if empty_pred not in M.EMPTY_PRED_CONVENTIONS:
+        raise ValueError(f"empty_pred must be one of {M.EMPTY_PRED_CONVENTIONS}, got {empty_pred!r}")
     labels = [int(lesion_label)] if np.isscalar(lesion_label) else [int(v) for v in lesion_label]
     tasks, missing, _ = _collect(pred_dir, reference, strata, allow_missing)
-    args = [(t, method, labels, affine_atol) for t in tasks]
+    args = [(t, method, labels, affine_atol, empty_pred) for t in tasks]
     rows = CaseRows(_run(_lesion_case, args, num_workers), missing)
-    summary: dict[str, Any] = {"method": method, "n_cases": len(rows), "missing": list(missing)}
+    summary: dict[str, Any] = {"method": method, "n_cases": len(rows), "missing": list(missing),
+                               "empty_pred": empty_pred}
     for key in LESION_METRICS:
         summary[key] = M.summarize(r[key] for r in rows)
     corr = M.volume_correlation([r["vol_pred"] for r in rows], [r["vol_ref"] for r in rows])

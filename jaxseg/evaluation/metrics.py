@@ -11,6 +11,10 @@ Conventions (one rule everywhere, so summaries stay comparable):
   denominator is 0, i.e. when the quantity is undefined. For Dice/IoU this is
   nnU-Net's rule: a class absent from both prediction and reference is NaN, not
   1 and not 0. :func:`summarize` drops NaNs and reports how many values it used.
+  One exception by default: an empty prediction scores PPV 0 and LFPR 0, as the
+  ISBI 2015 challenge and DeepLesionBrain score it, so a case where a method
+  found nothing stays in the averages. ``empty_pred="nan"`` restores the
+  undefined-is-NaN rule for these two (:data:`EMPTY_PRED_CONVENTIONS`).
 * Surface voxels are ``mask & ~binary_erosion(mask, 6-connected cross)``: a voxel
   is on the surface when one of its 6 face neighbours is background. Voxels on
   the array border count as surface (the outside is background). Same as
@@ -36,6 +40,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Sequence
+from typing import Literal
 
 import numpy as np
 from numpy.typing import ArrayLike
@@ -75,6 +80,20 @@ def _ratio(num: float, den: float) -> float:
     return float(num) / float(den) if den else math.nan
 
 
+EmptyPred = Literal["zero", "nan"]
+EMPTY_PRED_CONVENTIONS = ("zero", "nan")
+EMPTY_PRED_NOTES = {
+    "zero": "an empty prediction scores PPV = 0 and LFPR = 0 (ISBI 2015 convention)",
+    "nan": "PPV and LFPR of an empty prediction are undefined (NaN) and left out of the means",
+}
+
+
+def _empty_pred_ratio(num: float, den: float, empty_pred: EmptyPred) -> float:
+    if empty_pred not in EMPTY_PRED_CONVENTIONS:
+        raise ValueError(f"empty_pred must be one of {EMPTY_PRED_CONVENTIONS}, got {empty_pred!r}")
+    return 0.0 if not den and empty_pred == "zero" else _ratio(num, den)
+
+
 # --------------------------------------------------------------------------- overlap
 
 
@@ -102,10 +121,10 @@ def iou_per_class(pred: ArrayLike, ref: ArrayLike, labels: Iterable[int]) -> dic
     return {int(l): iou(p == l, r == l) for l in labels}
 
 
-def ppv(pred: ArrayLike, ref: ArrayLike) -> float:
-    """Precision TP / (TP + FP); NaN when the prediction is empty."""
+def ppv(pred: ArrayLike, ref: ArrayLike, empty_pred: EmptyPred = "zero") -> float:
+    """Precision TP / (TP + FP); an empty prediction gives 0 (``empty_pred="nan"``: NaN)."""
     p, r = _pair(pred, ref)
-    return _ratio(np.count_nonzero(p & r), np.count_nonzero(p))
+    return _empty_pred_ratio(np.count_nonzero(p & r), np.count_nonzero(p), empty_pred)
 
 
 def tpr(pred: ArrayLike, ref: ArrayLike) -> float:
@@ -224,14 +243,14 @@ def ltpr(pred: ArrayLike, ref: ArrayLike) -> float:
     return _ratio(_n_touched(comps, p), n)
 
 
-def lfpr(pred: ArrayLike, ref: ArrayLike) -> float:
+def lfpr(pred: ArrayLike, ref: ArrayLike, empty_pred: EmptyPred = "zero") -> float:
     """Lesion-wise FPR: predicted components with no reference overlap / predicted components.
 
-    NaN when the prediction has no components.
+    A prediction with no components gives 0 (no false positives; ``empty_pred="nan"``: NaN).
     """
     p, r = _pair(pred, ref)
     comps, n = connected_components(p)
-    return _ratio(n - _n_touched(comps, r), n)
+    return _empty_pred_ratio(n - _n_touched(comps, r), n, empty_pred)
 
 
 # --------------------------------------------------------------------------- volumes

@@ -47,9 +47,10 @@ def _variant_cfg(cfg: Config, method: str, augment: str) -> Config:
                                data=dataclasses.replace(cfg.data, augment=augment))
 
 
-def case_metrics(pred: np.ndarray, ref: np.ndarray, spacing) -> dict:
+def case_metrics(pred: np.ndarray, ref: np.ndarray, spacing, empty_pred: M.EmptyPred = "zero") -> dict:
     p, r = pred > 0, ref > 0
-    return {"dice": M.dice(p, r), "ppv": M.ppv(p, r), "tpr": M.tpr(p, r), "lfpr": M.lfpr(p, r),
+    return {"dice": M.dice(p, r), "ppv": M.ppv(p, r, empty_pred), "tpr": M.tpr(p, r),
+            "lfpr": M.lfpr(p, r, empty_pred),
             "ltpr": M.ltpr(p, r), "pred_ml": M.volume_mm3(p, spacing) / 1000, "ref_ml": M.volume_mm3(r, spacing) / 1000}
 
 
@@ -119,7 +120,8 @@ def run_ablation(cfg: Config, workdir, *, log=print) -> dict:
             ref, zooms = _reference(dataset, p["case"])
             pred = np.asarray(nib.load(p["path"]).dataobj)
             by_case[p["case"]] = {"variant": label, "case": p["case"], "site": p["site"],
-                                  "seconds": p["seconds"], **case_metrics(pred, ref, zooms)}
+                                  "seconds": p["seconds"],
+                                  **case_metrics(pred, ref, zooms, cfg.eval.lesion_empty_pred)}
         case_rows.extend(by_case.values())
         for g, cs in groups.items():
             if cs:
@@ -127,7 +129,7 @@ def run_ablation(cfg: Config, workdir, *, log=print) -> dict:
         log(f"{label}: " + "; ".join(f"{r['test']} hybrid {r['hybrid']:.3f} Dice {r['dice']:.3f}"
                                      for r in table if r["variant"] == label))
     timings["total_s"] = time.perf_counter() - t_start
-    _write(workdir, table, case_rows, timings, trained)
+    _write(workdir, table, case_rows, timings, trained, cfg.eval.lesion_empty_pred)
     return {"table": table, "timings": timings}
 
 
@@ -135,12 +137,14 @@ def _fmt(v) -> str:
     return "nan" if v is None or (isinstance(v, float) and np.isnan(v)) else f"{v:.3f}"
 
 
-def _write(workdir: Path, table: list[dict], case_rows: list[dict], timings: dict, trained: dict) -> None:
+def _write(workdir: Path, table: list[dict], case_rows: list[dict], timings: dict, trained: dict,
+           empty_pred: M.EmptyPred = "zero") -> None:
     lines = ["| Method | Test set | n | Hybrid score | Dice | PPV | TPR | LFPR | LTPR | Corr |",
              "|:---|:---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in table:
         lines.append(f"| {r['variant']} | {r['test']} | {r['n']} | " + " | ".join(
             _fmt(r[k]) for k in ("hybrid", "dice", "ppv", "tpr", "lfpr", "ltpr", "corr")) + " |")
+    lines += ["", f"Empty predictions: {M.EMPTY_PRED_NOTES[empty_pred]} (`eval.lesion_empty_pred: {empty_pred}`)."]
     write_text_atomic(workdir / "table.md", "\n".join(lines) + "\n")
     for name, rows, fields in (("table.csv", table, ["variant", "test", "n", *METRICS]),
                                ("cases.csv", case_rows, list(case_rows[0]))):
@@ -148,7 +152,7 @@ def _write(workdir: Path, table: list[dict], case_rows: list[dict], timings: dic
             w = csv.DictWriter(f, fieldnames=fields)
             w.writeheader()
             w.writerows(rows)
-    write_text_atomic(workdir / "table.json", json.dumps({"table": table, "timings": timings,
+    write_text_atomic(workdir / "table.json", json.dumps({"table": table, "empty_pred": empty_pred, "timings": timings,
                                                           "training": trained}, indent=1, default=str))
     _plot(workdir / "ablation.png", table, case_rows)
 

@@ -25,7 +25,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from jaxseg import distributed
 from jaxseg.config import Config, save_config
 from jaxseg.data import store
-from jaxseg.data.augment import PRESETS
+from jaxseg.data.augment import PRESETS, for_patch
 from jaxseg.data.budget import slice_mask
 from jaxseg.data.pipeline import CaseSampler, CaseSource, PatchBatchIterator
 from jaxseg.fileio import write_text_atomic
@@ -275,9 +275,11 @@ def train_and_evaluate(cfg: Config, workdir: str | os.PathLike, *, max_steps: in
     ages = case_ages(source, store_root) if cfg.model.arch == "unet" and cfg.model.age_head else None
     topology = model_topology(cfg)
     patch = topology.patch_size if cfg.model.arch == "unet" else cfg.data.patch_size
-    aug = PRESETS[cfg.data.augment]
-    # Room for rotation and scaling on the device (nnU-Net loads a larger region for the same reason).
-    margin = tuple(int(math.ceil(p * 0.25)) for p in patch) if aug.needs_resampling else (0, 0, 0)
+    aug = for_patch(PRESETS[cfg.data.augment], patch)  # nnU-Net's dummy 2D rule for anisotropic patches
+    # Room for rotation and scaling on the device (nnU-Net loads a larger region for the same reason;
+    # in dummy 2D not along the out-of-plane axis, which neither rotates nor scales).
+    margin = tuple(0 if a == aug.dummy_2d_axis else int(math.ceil(p * 0.25)) for a, p in enumerate(patch)) \
+        if aug.needs_resampling else (0, 0, 0)
     budget = cfg.data.label_budget
     def budget_mask(case_id, shape):
         return slice_mask(shape, budget.axis, budget.fraction, budget.exclude_border, seed=cfg.seed,
