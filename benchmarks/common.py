@@ -12,6 +12,11 @@ import time
 from importlib import metadata
 from pathlib import Path
 
+try:  # before any jax backend starts: jaxseg sets its XLA flags (oneDNN convolutions on CPU) at import
+    import jaxseg  # noqa: F401
+except ImportError:  # torch-only workers run without it
+    pass
+
 PACKAGES = ("jax", "jaxlib", "flax", "optax", "numpy", "tensorstore", "grain", "torch", "monai")
 
 

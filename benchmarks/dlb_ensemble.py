@@ -17,8 +17,6 @@ import argparse
 import os
 import sys
 
-os.environ.setdefault("JAX_THREEFRY_PARTITIONABLE", "0")
-
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402

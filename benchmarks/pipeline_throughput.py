@@ -28,8 +28,6 @@ import time
 import traceback
 from pathlib import Path
 
-os.environ.setdefault("JAX_THREEFRY_PARTITIONABLE", "0")
-
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(__file__))

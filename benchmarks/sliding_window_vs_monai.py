@@ -62,6 +62,7 @@ def worker_jaxseg(spec: dict) -> dict:
         os.environ.setdefault("JAX_PLATFORMS", "cpu")
     import jax
 
+    from jaxseg import runtime
     from jaxseg.inference.predict import make_apply_fn
     from jaxseg.inference.sliding_window import sliding_window_logits
 
@@ -94,7 +95,8 @@ def worker_jaxseg(spec: dict) -> dict:
                                                                       for a in range(3)],
            "blend": "jaxseg native gaussian (sigma 1/8, zeros replaced)" if imap is None else
            f"MONAI compute_importance_map({spec['mode']!r}, sigma_scale=0.125)",
-           "backend": jax.default_backend(), "first_window_logit_abs_max": float(np.abs(window_logits).max())}
+           "backend": jax.default_backend(), "first_window_logit_abs_max": float(np.abs(window_logits).max()),
+           "jaxseg_runtime": runtime.record()}
     if spec["device"] == "cpu":
         res.update(ts.cpu_memory(base, reset, warm))
     else:

@@ -194,7 +194,6 @@ def run_worker(script: Path, spec: dict, timeout: float, env_extra: dict | None 
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "result.json"
         env = dict(os.environ, **(env_extra or {}))
-        env.setdefault("JAX_THREEFRY_PARTITIONABLE", "0")
         env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
         cmd = [sys.executable, str(script), "--worker", json.dumps(spec), "--worker-out", str(out)]
         t0 = time.perf_counter()
@@ -289,6 +288,10 @@ def worker_jax(spec: dict) -> dict:
     x, y = batch(size, bsz, spec["seed"])
     weights = load_npz(spec["weights"])
     model, params = jax_unet(weights, arch, size, strided=spec["strided"], dtype=spec["dtype"])
+    from common import set_strided
+
+    from jaxseg import runtime
+
     loss_fn = jax_loss_fn()
     opt = optax.sgd(LR, momentum=MOMENTUM, nesterov=True)
     dev = jax.devices()[0]
@@ -329,7 +332,9 @@ def worker_jax(spec: dict) -> dict:
     out = {"lower_s": t1 - t0, "compile_s": t2 - t1, "first_call_s": t3 - t0, **_steady(times),
            "losses": losses, "xla_flops_per_step": cost_flops(compiled), "backend": jax.default_backend(),
            "device_kind": dev.device_kind, "persistent_cache": jax.config.jax_compilation_cache_dir,
-           "default_matmul_precision": str(jax.config.jax_default_matmul_precision)}  # None: XLA's (TF32 on GPU)
+           "default_matmul_precision": str(jax.config.jax_default_matmul_precision),  # None: XLA's (TF32 on GPU)
+           "strided_in_effect": set_strided(None), "jaxseg_runtime": runtime.record(),
+           "hlo_onednn_convolutions": "__onednn$convolution" in (compiled.as_text() or "")}
     if spec["device"] == "cpu":
         out.update(cpu_memory(base_rss, reset, warm))
     else:

@@ -13,9 +13,6 @@ import os
 import sys
 from pathlib import Path
 
-# Before jax is imported: partitionable threefry compiled a small U-Net's init 6x slower on CPU;
-# values are identical across shardings either way.
-os.environ.setdefault("JAX_THREEFRY_PARTITIONABLE", "0")
 
 CONFIG_HELP = "YAML config (see configs/); defaults when omitted"
 OVERRIDES_HELP = "dotted config overrides, e.g. model.features_base=16 data.patch_size=[64,64,64]"

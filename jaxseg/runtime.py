@@ -32,7 +32,8 @@ def configure() -> None:
     flags = os.environ.get("XLA_FLAGS", "")
     _state["backend_started_before_jaxseg"] = xla_bridge.backends_are_initialized()
     if any(f.split("=")[0] in flags for f in ONEDNN_FLAGS):
-        _state["onednn_flags"] = "set by the user"
+        inherited = os.environ.get("JAXSEG_ADDED_XLA_FLAGS") == " ".join(ONEDNN_FLAGS)
+        _state["onednn_flags"] = "set by jaxseg in a parent process" if inherited else "set by the user"
     elif os.environ.get("JAXSEG_ONEDNN", "1") == "0":
         _state["onednn_flags"] = "off (JAXSEG_ONEDNN=0)"
     elif _version(jaxlib.__version__) < (0, 12):
@@ -40,6 +41,7 @@ def configure() -> None:
         _state["onednn_flags"] = f"off (jaxlib {jaxlib.__version__} < 0.12)"
     else:
         os.environ["XLA_FLAGS"] = " ".join([flags, *ONEDNN_FLAGS]).strip()
+        os.environ["JAXSEG_ADDED_XLA_FLAGS"] = " ".join(ONEDNN_FLAGS)  # child processes inherit both
         _state["onednn_flags"] = "set by jaxseg"
     if "JAX_THREEFRY_PARTITIONABLE" not in os.environ:
         jax.config.update("jax_threefry_partitionable", False)

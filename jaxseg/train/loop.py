@@ -22,7 +22,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from jaxseg import distributed
+from jaxseg import distributed, runtime
 from jaxseg.config import Config, save_config
 from jaxseg.data import store
 from jaxseg.data.augment import PRESETS, for_patch
@@ -97,7 +97,8 @@ def limit_cases(case_ids, max_cases: int | None, seed: int = 12345) -> list:
 
 
 def run_record(cfg: Config) -> dict:
-    """What a run directory needs to be reproduced: versions, devices, git revision."""
+    """What a run directory needs to be reproduced: versions, devices, git revision, and the XLA / JAX
+    settings that change numbers or speed (jaxseg.runtime)."""
     versions = {}
     for name in ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "grain", "tensorstore", "numpy"):
         try:
@@ -111,7 +112,7 @@ def run_record(cfg: Config) -> dict:
         rev = None
     return {"versions": versions, "git_revision": rev, "python": platform.python_version(),
             "devices": [str(d) for d in jax.devices()], "process_count": jax.process_count(),
-            "seed": cfg.seed}
+            "seed": cfg.seed, "runtime": runtime.record()}
 
 
 class MetricLog:
