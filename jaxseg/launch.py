@@ -9,7 +9,6 @@ weights -> a run directory). Each has --help.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
