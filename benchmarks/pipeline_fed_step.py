@@ -69,7 +69,7 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="jaxseg-fed-step-"))
     base = ["data.patch_size=[64,64,64]", "data.batch_size=2", "data.fold=all", "data.augment=nnunet",
             "data.num_classes=8", "model.features_base=16", "model.features_max=128", "optim.kind=adam",
-            "optim.lr=0.001", f"train.epochs=1", f"train.steps_per_epoch={args.steps}", "train.log_every=1",
+            "optim.lr=0.001", "train.epochs=1", f"train.steps_per_epoch={args.steps}", "train.log_every=1",
             f"train.checkpoint_every={args.steps}", "dro.log_every=1000"]
     payload = {"benchmark": "pipeline_fed_step", "environment": environment(),
                "settings": {"subjects": args.subjects, "spacing_mm": args.spacing, "steps": args.steps,
