@@ -223,3 +223,31 @@ def test_effective_sample_size():
         np.testing.assert_allclose(float(effective_sample_size(jnp.eye(n)[n - 1])), 1.0)
     p = np.array([0.5, 0.25, 0.25])
     np.testing.assert_allclose(effective_sample_size(p), 1 / (0.25 + 0.0625 * 2))
+
+
+def test_hardness_sampler_draws_a_rare_hard_stratum_more_and_more():
+    """18 controls that train down to a loss of 0.3 and 2 rare cases that stay at 1.0: uniform sampling
+    draws the rare stratum 10% of the time; hardness sampling (beta 10) draws it more often, and its
+    share grows once the table has seen every case, as its loss stays high."""
+    from jaxseg.data.pipeline import CaseSampler
+
+    n, rare = 20, {18, 19}
+    loss = np.where(np.isin(np.arange(n), list(rare)), 1.0, 0.3)
+    shares = {}
+    for mode in ("uniform", "hardness"):
+        sampler = CaseSampler(n, mode=mode, seed=0, beta=10.0, init_loss=2.0)
+        drawn = []
+        for step in range(300):
+            idx = sampler.draw(2, step)
+            sampler.update(idx, loss[idx])
+            drawn.append(np.isin(idx, list(rare)).mean())
+        drawn = np.asarray(drawn)
+        shares[mode] = (drawn[:10].mean(), drawn[100:].mean())  # first sweep, later
+    assert abs(shares["uniform"][1] - 0.1) < 0.05
+    first, later = shares["hardness"]
+    assert first <= 0.2  # the initial table (2.0 everywhere) sends it to unvisited cases first
+    assert later > 2 * shares["uniform"][1] and later > first + 0.2
+    # the sampler's mass on the rare stratum is what the softmax of the table gives
+    p = sampling_probs(sampler.table, 10.0, 1e-4)
+    expected = 2 * np.exp(10 * 1.0) / (2 * np.exp(10 * 1.0) + 18 * np.exp(10 * 0.3))
+    assert abs(p[list(rare)].sum() - expected) < 1e-6 and abs(later - expected) < 0.1

@@ -34,6 +34,19 @@ def test_one_step_through_train_and_evaluate(tiny_store, tmp_path):
     assert (tmp_path / "run" / "config.yaml").exists() and (tmp_path / "run" / "ckpt" / "1").exists()
     # the table holds the step's per-sample losses for the training cases it drew
     assert np.sum(np.abs(out["dro_table"] - 2.0) > 1e-2) >= 1
+    # what the step trained on, per stratum, and where the sampler's mass is
+    from jaxseg.data.pipeline import CaseSource
+
+    strata = {str(m.get("stratum") or "none") for m in CaseSource(tiny_store, split="train").metas}
+    drawn = lines[0]["drawn_stratum"]
+    assert set(drawn) <= strata and abs(sum(drawn.values()) - 1) < 1e-9
+    assert round(sum(drawn.values()) * 8) == 8 and all(round(v * 8) == v * 8 for v in drawn.values())
+    dro = next(l for l in lines if "dro_p_stratum" in l)
+    assert set(dro["dro_p_stratum"]) == strata and abs(sum(dro["dro_p_stratum"].values()) - 1) < 1e-6
+    assert dro["dro_table_spread"] > 0
+    from jaxseg.evaluation.plots import sampling_shares
+
+    assert sampling_shares({"DRO": lines}, tmp_path / "shares.png").stat().st_size > 0
 
 
 def test_resume_continues_and_incompatible_resume_is_refused(tiny_store, tmp_path):

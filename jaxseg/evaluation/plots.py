@@ -8,6 +8,8 @@ to leak memory, and safe in worker threads and headless jobs. Files are written 
 * :func:`metric_distribution`: one stratum, box plot + jittered points per structure, the
   methods side by side (the per-stratum Dice distributions behind the paper's Table 2).
 * :func:`training_curves`: loss (and any other logged value) vs step, one line per method.
+* :func:`sampling_shares`: what each method trained on: the share of drawn samples per stratum over
+  steps, and for hardness sampling the sampler's probability mass per stratum and its ESS.
 * :func:`worst_case_overlays`: three orthogonal slices through the largest error component,
   reference and prediction contours over the image.
 """
@@ -28,7 +30,8 @@ from scipy import ndimage
 
 from jaxseg.fileio import atomic_path
 
-__all__ = ["metric_distribution", "training_curves", "worst_case_overlays", "largest_error_point"]
+__all__ = ["metric_distribution", "training_curves", "sampling_shares", "worst_case_overlays",
+           "largest_error_point"]
 
 COLORS = ("#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf")
 REF_COLOR, PRED_COLOR, ERR_COLOR = "#00c000", "#ff2020", "#ffd000"
@@ -132,6 +135,42 @@ def training_curves(
             ax.set_yscale("log")
         ax.grid(alpha=0.3)
         ax.legend(fontsize="small")
+    return save_figure(fig, path)
+
+
+def sampling_shares(curves: Mapping[str, Sequence[Mapping[str, Any]]], path: str | os.PathLike) -> Path | None:
+    """Per method: the share of drawn samples per stratum vs step (``drawn_stratum`` records, solid) and,
+    where logged, the hardness sampler's probability mass per stratum (``dro_p_stratum``, dashed) with
+    its effective sample size (``dro_ess``, right axis). None when nothing of the kind was logged."""
+    methods = [m for m, recs in curves.items() if any("drawn_stratum" in r or "dro_p_stratum" in r for r in recs)]
+    if not methods:
+        return None
+    strata = sorted({s for m in methods for r in curves[m] for key in ("drawn_stratum", "dro_p_stratum")
+                     for s in (r.get(key) or {})})
+    fig = Figure(figsize=(5.5 * len(methods), 3.6))
+    for j, method in enumerate(methods):
+        ax = fig.add_subplot(1, len(methods), j + 1)
+        recs = curves[method]
+        for k, stratum in enumerate(strata):
+            color = COLORS[k % len(COLORS)]
+            for key, style in (("drawn_stratum", "-"), ("dro_p_stratum", "--")):
+                pts = [(r["step"], r[key].get(stratum, 0.0)) for r in recs if r.get(key)]
+                if pts:
+                    x, y = zip(*pts)
+                    ax.plot(x, y, style, color=color, lw=1.2, label=stratum if style == "-" else None)
+        ax.set_ylim(0, 1)
+        ax.set_xlabel("step")
+        ax.set_ylabel("share of samples (solid: drawn; dashed: sampler p)")
+        ax.set_title(method)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize="small", loc="upper left")
+        ess = [(r["step"], r["dro_ess"]) for r in recs if r.get("dro_ess") is not None]
+        if ess:
+            ax2 = ax.twinx()
+            x, y = zip(*ess)
+            ax2.plot(x, y, ":", color="black", lw=1.2)
+            ax2.set_ylabel("ESS of the sampler (dotted)")
+            ax2.set_ylim(bottom=0)
     return save_figure(fig, path)
 
 

@@ -466,9 +466,15 @@ def write_report(
     # -- training curves
     if training_curves:
         blocks.append(("h2", "Training curves"))
-        p = P.training_curves(training_curves, plot_dir / "training_curves.png")
+        p = P.training_curves({m: [r for r in recs if "loss" in r] for m, recs in training_curves.items()},
+                              plot_dir / "training_curves.png")
         plots.append(p)
         blocks.append(("img", p, "Training curves per method"))
+        p = P.sampling_shares(training_curves, plot_dir / "sampling_shares.png")
+        if p is not None:
+            plots.append(p)
+            blocks.append(("img", p, "What each method trained on: drawn share per stratum (solid), hardness "
+                                     "sampler's probability mass per stratum (dashed), its ESS (dotted)"))
 
     # -- overlays
     if overlays:

@@ -137,6 +137,10 @@ class MetricLog:
         for k, v in clean.items():
             if isinstance(v, float) and math.isfinite(v):
                 self._tb.add_scalar(k, v, step)
+            elif isinstance(v, dict):  # one curve per entry, e.g. a per-stratum share
+                for sub, x in v.items():
+                    if isinstance(x, float) and math.isfinite(x):
+                        self._tb.add_scalar(f"{k}/{sub}", x, step)
 
     def close(self) -> None:
         if self.enabled:
@@ -382,7 +386,8 @@ def train_and_evaluate(cfg: Config, workdir: str | os.PathLike, *, max_steps: in
     skipped = 0
     t_last, steps_since = time.perf_counter(), 0
     recent_losses: list[float] = []
-    strata = [m.get("stratum") for m in source.metas]
+    strata = [str(m.get("stratum") or "none") for m in source.metas]
+    drawn: dict[str, int] = {}  # samples drawn per stratum since the last log line
     try:
         while step < stop_at:
             batch = next(iterator)
@@ -404,6 +409,8 @@ def train_and_evaluate(cfg: Config, workdir: str | os.PathLike, *, max_steps: in
                 case_index = np.asarray(multihost_utils.process_allgather(global_batch["case_index"], tiled=True))
             step += 1
             steps_since += 1
+            for i in np.asarray(case_index).reshape(-1):
+                drawn[strata[int(i)]] = drawn.get(strata[int(i)], 0) + 1
 
             # Non-finite guard: the step already kept the parameters; count and stop after K in a row.
             if not bool(metrics["finite"]):
@@ -422,9 +429,13 @@ def train_and_evaluate(cfg: Config, workdir: str | os.PathLike, *, max_steps: in
 
             if step % cfg.train.log_every == 0 or step == stop_at:
                 now = time.perf_counter()
+                total = sum(drawn.values())
                 record = {"loss": float(np.mean(recent_losses)) if recent_losses else float("nan"),
                           "grad_norm": float(metrics["grad_norm"]), "steps_per_s": steps_since / (now - t_last),
-                          "skipped_steps": skipped, "epoch": step / cfg.train.steps_per_epoch}
+                          "skipped_steps": skipped, "epoch": step / cfg.train.steps_per_epoch,
+                          # what the step trained on: the share of drawn samples per stratum
+                          "drawn_stratum": {k: v / total for k, v in sorted(drawn.items())}}
+                drawn = {}
                 metric_log.write(step, **record)
                 if bar is not None:
                     bar.set_postfix(loss=f"{record['loss']:.4f}", refresh=False)
@@ -438,6 +449,9 @@ def train_and_evaluate(cfg: Config, workdir: str | os.PathLike, *, max_steps: in
                     dro_bound_a10=float(dro_math.percentile_bound(tab, 0.10, d.beta)),
                     dro_q95=float(np.quantile(tab, 0.95)), dro_q90=float(np.quantile(tab, 0.90)),
                     dro_ess=float(dro_math.effective_sample_size(p)),
+                    dro_p_stratum={s: float(p[[i for i, t in enumerate(strata) if t == s]].sum())
+                                   for s in sorted(set(strata))},
+                    dro_table_spread=float(tab.max() - tab.min()),
                     dro_hardest=[{"case": source.case_ids[i], "stratum": strata[i], "loss": float(tab[i])}
                                  for i in hardest])
             if bar is not None:
