@@ -86,7 +86,8 @@ def setup(n):
     return model, opt, params
 
 
-def test_vmapped_step_equals_separate_steps():
+@pytest.mark.parametrize("group_size", [2, 1])  # 1: one jitted network step at a time
+def test_vmapped_step_equals_separate_steps(group_size):
     n = 3
     model, opt, params = setup(n)
     net_step = ens.make_net_step(model, opt, NONE)
@@ -95,7 +96,7 @@ def test_vmapped_step_equals_separate_steps():
     active = jnp.ones(n, bool)
     state = ens.init_state(jax.tree.map(jnp.copy, params), opt)  # the step donates its state
     # group size 2 over 3 networks: one vmapped group of 2, then the remainder
-    step = ens.ensemble_step(net_step, group_size=2)
+    step = ens.ensemble_step(net_step, group_size=group_size)
     new, losses = step(state, image, label, keys, active)
     single = jax.jit(net_step)
     for k in range(n):

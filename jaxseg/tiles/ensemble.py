@@ -119,7 +119,10 @@ def over_networks(fn: Callable, group_size: int | None, mesh: Mesh | None, n_arg
             return fn(*full)
 
         n = jax.tree.leaves(stacked)[0].shape[0]
-        return jax.lax.map(one, stacked, batch_size=min(group_size or n, n))
+        g = min(group_size or n, n)
+        # One network at a time is a plain scan: lax.map's batch_size=1 still vmaps (a size-1 network
+        # axis), which XLA:CPU's oneDNN convolutions run 70x slower than the unbatched network.
+        return jax.lax.map(one, stacked) if g == 1 else jax.lax.map(one, stacked, batch_size=g)
 
     if mesh is None:
         return local
@@ -161,13 +164,39 @@ def ensemble_step(net_step: Callable, group_size: int | None = None, mesh: Mesh 
     """Jitted ``(state, image, label, keys, active) -> (state, losses)`` over all networks, state donated.
 
     image (N, B, X, Y, Z, C), label (N, B, X, Y, Z), keys (N, 2) uint32 key data, active (N,) bool.
+    ``group_size`` 1 on one device: see :func:`_one_at_a_time`.
     """
+    if group_size == 1 and (mesh is None or mesh.size == 1):
+        return _one_at_a_time(net_step)
     run = over_networks(net_step, group_size, mesh, 6)
 
     @functools.partial(jax.jit, donate_argnums=(0,))
     def step(state: EnsembleState, image, label, keys, active):
         params, opt_state, losses = run(state.params, state.opt_state, image, label, keys, active)
         return EnsembleState(params, opt_state, state.step + 1), losses
+
+    return step
+
+
+def _one_at_a_time(net_step: Callable) -> Callable:
+    """The ensemble step as one jitted single-network step per network, called from the host on the
+    stacked state (updated in place, donated). A network's gradient vmapped or scanned over the network
+    axis ran 50-100x slower than the network alone on XLA:CPU's oneDNN convolutions (grouped and
+    in-loop weight-gradient convolutions), so on a CPU this is the fast form (benchmarks/dlb_ensemble.py)."""
+
+    @functools.partial(jax.jit, donate_argnums=(0, 1))
+    def one(params, opt_state, i, image, label, keys, active):
+        take = lambda tree: jax.tree.map(lambda a: a[i], tree)  # noqa: E731
+        p, o, loss = net_step(take(params), take(opt_state), image[i], label[i], keys[i], active[i])
+        put = lambda tree, new: jax.tree.map(lambda a, b: a.at[i].set(b), tree, new)  # noqa: E731
+        return put(params, p), put(opt_state, o), loss
+
+    def step(state: EnsembleState, image, label, keys, active):
+        params, opt_state, losses = state.params, state.opt_state, []
+        for i in range(image.shape[0]):
+            params, opt_state, loss = one(params, opt_state, i, image, label, keys, active)
+            losses.append(loss)
+        return EnsembleState(params, opt_state, state.step + 1), jnp.stack(losses)
 
     return step
 
