@@ -6,13 +6,14 @@ or redone, clearly."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import pytest
 
-from jaxseg.data.store import list_cases
+from jaxseg.data.store import list_cases, read_case_meta, read_dataset_meta
 from jaxseg.launch import main
 
 TRAIN = ["data.patch_size=[16,16,16]", "data.batch_size=8", "data.fold=all", "data.threads=1",
@@ -54,6 +55,117 @@ def _one_line_error(err: str, *needles) -> None:
     assert "Traceback" not in err
     for n in needles:
         assert str(n) in lines[0], (n, lines[0])
+
+
+# --------------------------------------------------------------------------- prepare: spacing
+
+
+def test_absurd_voxel_size_with_median_spacing_is_refused_naming_the_file(tmp_path, capsys):
+    ds = _dataset(tmp_path / "raw", ["a", "b"], spacing={"b": (4e6, 4e6, 4e6)})
+    store = tmp_path / "store"
+    rc, _, err = _run(capsys, "prepare", "--dataset", ds, "--store", store, "--spacing", "median", "--workers", 1)
+    assert rc == 1
+    _one_line_error(err, ds / "imagesTr" / "b_0000.nii.gz", "implausible voxel size", "--skip-bad")
+    assert not store.exists()  # refused before the store was created
+
+    # --skip-bad: the outlier is rejected and left out of the median; the good case keeps its grid
+    rc, out, err = _run(capsys, "prepare", "--dataset", ds, "--store", store, "--spacing", "median",
+                        "--workers", 1, "--skip-bad")
+    assert rc == 0 and "1 rejected" in out
+    meta = read_case_meta(store, "a")
+    assert meta["target_spacing"] == [1.0, 1.0, 1.0] and meta["shape"] == meta["cropped_shape"]
+    assert list_cases(store) == ["a"]
+    rejected = json.loads((store / "rejected.json").read_text())["rejected"]
+    assert rejected[0]["case_id"] == "b" and "b_0000.nii.gz: implausible voxel size" in rejected[0]["reason"]
+
+
+def test_absurd_voxel_size_without_resampling_names_the_file(tmp_path, capsys):
+    ds = _dataset(tmp_path / "raw", ["a"], spacing={"a": (1.0, 1.0, 5e-5)})
+    rc, _, err = _run(capsys, "prepare", "--dataset", ds, "--store", tmp_path / "store", "--workers", 1)
+    assert rc == 1
+    _one_line_error(err, ds / "imagesTr" / "a_0000.nii.gz", "implausible voxel size")
+    assert list_cases(tmp_path / "store") == []
+    assert read_dataset_meta(tmp_path / "store")["status"] == "in progress"
+
+
+def test_median_spacing_warns_about_a_far_but_plausible_case(tmp_path, capsys):
+    ds = _dataset(tmp_path / "raw", ["a", "b", "c"], spacing={"c": (20.0, 20.0, 20.0)})
+    with pytest.warns(UserWarning, match=r"c_0000\.nii\.gz \(20, 20, 20 mm\)"):
+        rc, _, _ = _run(capsys, "prepare", "--dataset", ds, "--store", tmp_path / "store", "--spacing", "median",
+                        "--workers", 1)
+    assert rc == 0 and read_case_meta(tmp_path / "store", "a")["target_spacing"] == [1.0, 1.0, 1.0]
+
+
+@pytest.mark.parametrize("value", ["2,abc", "0,0,0", "1,1", "nan,1,1", "1e6,1,1"])
+def test_bad_spacing_flag_is_one_line(tmp_path, capsys, value):
+    ds = _dataset(tmp_path / "raw", ["a"])
+    rc, _, err = _run(capsys, "prepare", "--dataset", ds, "--store", tmp_path / "store", "--spacing", value)
+    assert rc == 1
+    _one_line_error(err, "spacing")
+    if value != "1e6,1,1":
+        _one_line_error(err, f"--spacing {value!r}")
+    assert not (tmp_path / "store").exists()
+
+
+# --------------------------------------------------------------------------- prepare: resume
+
+
+def test_changed_source_file_is_redone_and_says_why(tmp_path, capsys):
+    ds = _dataset(tmp_path / "raw", ["a", "b"])
+    store = tmp_path / "store"
+    assert _run(capsys, "prepare", "--dataset", ds, "--store", store, "--workers", 1)[0] == 0
+    before_a = (store / "a" / "meta.json").stat().st_mtime_ns
+    old_b = read_case_meta(store, "b")
+    assert [f["path"] for f in old_b["source_fingerprint"]] == [str(ds / "imagesTr" / "b_0000.nii.gz"),
+                                                                 str(ds / "labelsTr" / "b.nii.gz")]
+    # a different image for b (another intensity range; new size and mtime)
+    img = ds / "imagesTr" / "b_0000.nii.gz"
+    v = np.asarray(nib.load(str(img)).dataobj) * 3 + 7 * (np.asarray(nib.load(str(img)).dataobj) > 0)
+    _write(img, v.astype(np.float32), np.eye(4))
+    os.utime(img, ns=(old_b["source_fingerprint"][0]["mtime_ns"] + 10**9,) * 2)
+    rc, out, err = _run(capsys, "prepare", "--dataset", ds, "--store", store, "--workers", 1)
+    assert rc == 0
+    assert "1 redone" in out and "1 already done" in out
+    assert f"redid case 'b': {img} changed since it was prepared" in err
+    new_b = read_case_meta(store, "b")
+    assert new_b["normalization"]["mean"] != old_b["normalization"]["mean"]
+    assert new_b["source_fingerprint"][0]["size"] == img.stat().st_size
+    assert (store / "a" / "meta.json").stat().st_mtime_ns == before_a  # untouched
+    assert read_dataset_meta(store)["status"] == "complete"
+
+
+def test_store_without_fingerprint_is_redone(tmp_path, capsys):
+    ds = _dataset(tmp_path / "raw", ["a"])
+    store = tmp_path / "store"
+    assert _run(capsys, "prepare", "--dataset", ds, "--store", store, "--workers", 1)[0] == 0
+    meta = read_case_meta(store, "a")
+    del meta["source_fingerprint"]  # a store written before fingerprints existed
+    (store / "a" / "meta.json").write_text(json.dumps(meta))
+    rc, out, err = _run(capsys, "prepare", "--dataset", ds, "--store", store, "--workers", 1)
+    assert rc == 0 and "1 redone" in out and "no fingerprint" in err
+    assert "source_fingerprint" in read_case_meta(store, "a")
+
+
+def test_another_dataset_into_the_same_store_is_refused(tmp_path, capsys):
+    a = _dataset(tmp_path / "A", ["x", "y"])
+    b = _dataset(tmp_path / "B", ["x", "y"], labels={"background": 0, "lesion": 1})
+    store = tmp_path / "store"
+    assert _run(capsys, "prepare", "--dataset", a, "--store", store, "--workers", 1)[0] == 0
+    ds_json = (store / "dataset.json").read_text()
+    case_meta = (store / "x" / "meta.json").read_text()
+    rc, _, err = _run(capsys, "prepare", "--dataset", b, "--store", store, "--workers", 1)
+    assert rc == 1
+    _one_line_error(err, store / "dataset.json", f"prepared from {a}", f"not {b}", "another --store")
+    assert (store / "dataset.json").read_text() == ds_json and (store / "x" / "meta.json").read_text() == case_meta
+
+    # the same dataset with a changed label set is refused too
+    meta = json.loads((a / "dataset.json").read_text())
+    meta["labels"] = {"background": 0, "fg": 1, "extra": 2}
+    (a / "dataset.json").write_text(json.dumps(meta))
+    rc, _, err = _run(capsys, "prepare", "--dataset", a, "--store", store, "--workers", 1)
+    assert rc == 1
+    _one_line_error(err, store / "dataset.json", "'extra': 2")
+    assert (store / "dataset.json").read_text() == ds_json
 
 
 # --------------------------------------------------------------------------- prepare: unreadable inputs
