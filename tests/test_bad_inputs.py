@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 
 import nibabel as nib
@@ -208,3 +209,55 @@ def test_duplicate_case_id_in_manifest_names_csv_id_and_rows(tmp_path, capsys):
     _one_line_error(err, csv, "duplicate case id", "'x' in rows 1, 3", "'case' column unique")
     assert "add a 'case' column" not in err
     assert not (tmp_path / "store").exists()
+
+
+# --------------------------------------------------------------------------- train on a bad store
+
+
+@pytest.fixture(scope="module")
+def small_store(tmp_path_factory):
+    from jaxseg.data.prepare import prepare
+    from jaxseg.data.synth import write_cohort
+
+    root = tmp_path_factory.mktemp("small")
+    write_cohort(root / "raw", 4, seed=3, spacing=6.0, n_test=0, workers=1, progress=False, preview=False)
+    prepare(root / "raw", root / "store", num_workers=1, progress=False)
+    return root / "store"
+
+
+def test_train_on_unfinished_store_is_refused_with_the_command(small_store, tmp_path, capsys):
+    store = tmp_path / "store"
+    shutil.copytree(small_store, store)
+    meta = json.loads((store / "dataset.json").read_text())
+    meta["status"] = "in progress"
+    (store / "dataset.json").write_text(json.dumps(meta))
+    rc, _, err = _run(capsys, "train", "--workdir", tmp_path / "run", f"data.store={store}", *TRAIN)
+    assert rc == 1
+    _one_line_error(err, store / "dataset.json", "'in progress'",
+                    f"python -m jaxseg.launch prepare --dataset {meta['source']} --store {store}")
+    assert not (tmp_path / "run").exists()
+
+
+def test_dlb_train_on_unfinished_store_is_refused(small_store, tmp_path, capsys):
+    store = tmp_path / "store"
+    shutil.copytree(small_store, store)
+    meta = json.loads((store / "dataset.json").read_text())
+    meta["status"] = "in progress"
+    (store / "dataset.json").write_text(json.dumps(meta))
+    rc, _, err = _run(capsys, "dlb-train", "--workdir", tmp_path / "run", f"data.store={store}",
+                      "data.num_channels=1", "data.num_classes=8")
+    assert rc == 1
+    _one_line_error(err, store / "dataset.json", "'in progress'", "prepare --dataset")
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("override, needles", [
+    ("data.num_classes=7", ["data.num_classes=7", "has 8 classes", "set data.num_classes=8"]),
+    ("data.num_channels=3", ["data.num_channels=3", "has 1 channel(s)", "set data.num_channels=1"]),
+])
+def test_train_with_classes_or_channels_unlike_the_store_is_refused(small_store, tmp_path, capsys, override,
+                                                                    needles):
+    rc, _, err = _run(capsys, "train", "--workdir", tmp_path / "run", f"data.store={small_store}", *TRAIN, override)
+    assert rc == 1
+    _one_line_error(err, small_store, *needles)
+    assert not (tmp_path / "run").exists()
