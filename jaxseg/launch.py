@@ -9,6 +9,7 @@ weights -> a run directory). Each has --help.
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from pathlib import Path
 
@@ -39,13 +40,29 @@ def cmd_prepare(args) -> None:
     from jaxseg.data.prepare import prepare
 
     cfg = _config(args)
-    spacing = args.spacing
-    if spacing not in (None, "median"):
-        spacing = tuple(float(v) for v in spacing.split(","))
+    spacing = _parse_spacing(args.spacing)
     report = prepare(args.dataset or cfg.data.dataset, args.store or cfg.data.store, target_spacing=spacing,
                      num_workers=args.workers, skip_bad=args.skip_bad, crop=not args.no_crop)
-    print(f"prepared {len(report['prepared'])} cases, {len(report['skipped_existing'])} already done, "
+    for r in report["redone"]:
+        print(f"redid case {r['case_id']!r}: {r['reason']}", file=sys.stderr)
+    redone = f" ({len(report['redone'])} redone: source changed)" if report["redone"] else ""
+    print(f"prepared {len(report['prepared'])} cases{redone}, {len(report['skipped_existing'])} already done, "
           f"{len(report['rejected'])} rejected -> {report['store_root']}")
+
+
+def _parse_spacing(text):
+    """--spacing: None, 'median' or three positive finite mm values 'x,y,z'."""
+    from jaxseg.config import ConfigError
+
+    if text in (None, "median"):
+        return text
+    try:
+        values = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        values = ()
+    if len(values) != 3 or not all(math.isfinite(v) and v > 0 for v in values):
+        raise ConfigError(f"--spacing {text!r}: expected 'median' or three positive numbers in mm, e.g. 1,1,1.5")
+    return values
 
 
 def cmd_train(args) -> None:

@@ -357,7 +357,7 @@ def test_read_manifest_bad_age_and_duplicates(tmp_path):
         read_manifest(csv)
     csv2 = _make_manifest(tmp_path / "b")
     csv2.write_text(csv2.read_text().replace("s2,", "s1,", 1))
-    with pytest.raises(DataError, match="duplicate case ids"):
+    with pytest.raises(DataError, match=r"manifest\.csv: duplicate case id\(s\): 's1' in rows 1, 2"):
         read_manifest(csv2)
 
 

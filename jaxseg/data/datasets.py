@@ -70,6 +70,7 @@ message, so that ``prepare(..., skip_bad=True)`` can reject it and go on.
 from __future__ import annotations
 
 import csv
+import difflib
 import json
 import math
 import re
@@ -197,6 +198,13 @@ def _parse_age(value: str | None, where: str) -> float | None:
     return age
 
 
+def _missing_key(js: Path, meta: dict, key: str, what: str) -> DataError:
+    """A DataError naming the file, the missing key, a near-miss key that is there, and the keys present."""
+    near = difflib.get_close_matches(key, [str(k) for k in meta], n=1, cutoff=0.6)
+    hint = f" (found {near[0]!r}: rename it to {key!r})" if near else ""
+    return DataError(f"{js}: missing key {key!r} ({what}){hint}; keys present: {sorted(map(str, meta))}")
+
+
 def _finish(records: list[CaseRecord], strict: bool) -> list[CaseRecord]:
     if strict:
         for r in records:
@@ -271,6 +279,8 @@ def _v2_cases(folder: Path, sub_images: str, sub_labels: str, ending: str, n_ch:
 
 def _read_v2(folder: Path, meta: dict, js: Path) -> Dataset:
     ch = meta.get("channel_names")
+    if ch is None:
+        raise _missing_key(js, meta, "channel_names", 'channel index -> name, e.g. {"0": "T1"}')
     if not isinstance(ch, dict) or not ch:
         raise DataError(f"{js}: 'channel_names' must be a non-empty object like {{\"0\": \"T1\"}}")
     try:
@@ -280,15 +290,22 @@ def _read_v2(folder: Path, meta: dict, js: Path) -> Dataset:
     if [int(k) for k in order] != list(range(len(order))):
         raise DataError(f"{js}: channel_names keys must be 0..{len(order) - 1}, got {order}")
     channel_names = [str(ch[k]) for k in order]
-    if not isinstance(meta.get("labels"), dict):
-        raise DataError(f"{js}: 'labels' (name -> int) is missing")
+    if "labels" not in meta:
+        raise _missing_key(js, meta, "labels", 'label name -> int, e.g. {"background": 0}')
+    if not isinstance(meta["labels"], dict):
+        raise DataError(f"{js}: 'labels' must be an object (label name -> int), got {meta['labels']!r}")
     labels = _check_labels(meta["labels"], js)
     ending = meta.get("file_ending", ".nii.gz")
+    if not isinstance(ending, str) or not ending.startswith("."):
+        raise DataError(f"{js}: 'file_ending' must be a string like \".nii.gz\", got {ending!r}")
     n_ch = len(channel_names)
 
     if isinstance(meta.get("dataset"), dict):  # explicit file lists (nnU-Net v2 option)
         records = []
         for cid, entry in sorted(meta["dataset"].items()):
+            if not isinstance(entry, dict) or not isinstance(entry.get("images", []), list):
+                raise DataError(f"{js}: 'dataset' entry {cid!r} must be an object "
+                                f"{{\"images\": [...], \"label\": ...}}, got {entry!r}")
             images = [(folder / p).resolve() for p in entry.get("images", [])]
             label = (folder / entry["label"]).resolve() if entry.get("label") else None
             problem = None
@@ -307,6 +324,8 @@ def _read_v2(folder: Path, meta: dict, js: Path) -> Dataset:
             raise DataError(f"{folder}: no imagesTr folder")
         records = _v2_cases(folder, "imagesTr", "labelsTr", ending, n_ch, channel_names, "train", True)
         n_train = meta.get("numTraining")
+        if n_train is not None and (isinstance(n_train, bool) or not isinstance(n_train, int)):
+            raise DataError(f"{js}: 'numTraining' must be an integer, got {n_train!r}")
         if n_train is not None and int(n_train) != len(records):
             warnings.warn(f"{js}: numTraining is {n_train} but {len(records)} training cases were found")
         if (folder / "imagesTs").is_dir():
@@ -331,11 +350,16 @@ def _read_v1(folder: Path, meta: dict, js: Path) -> Dataset:
     mod = meta.get("modality")
     if not isinstance(mod, dict) or not mod:
         raise DataError(f"{js}: 'modality' must be a non-empty object like {{\"0\": \"T1\"}}")
-    order = sorted(mod, key=int)
+    try:
+        order = sorted(mod, key=int)
+    except ValueError:
+        raise DataError(f"{js}: modality keys must be channel indices \"0\", \"1\", ...") from None
     channel_names = [str(mod[k]) for k in order]
     raw_labels = meta.get("labels")
+    if raw_labels is None:
+        raise _missing_key(js, meta, "labels", 'v1: value -> name, e.g. {"0": "background"}')
     if not isinstance(raw_labels, dict):
-        raise DataError(f"{js}: 'labels' is missing")
+        raise DataError(f"{js}: 'labels' must be an object (v1: value -> name), got {raw_labels!r}")
     try:
         labels = _check_labels({str(v): int(k) for k, v in raw_labels.items()}, js)
     except ValueError as exc:
@@ -344,6 +368,12 @@ def _read_v1(folder: Path, meta: dict, js: Path) -> Dataset:
         raise DataError(f"{js}: v1 'labels' keys must be integers (\"0\": \"background\")") from None
     n_ch = len(channel_names)
     records: list[CaseRecord] = []
+    for key in ("training", "test"):
+        entries = meta.get(key, [])
+        if not isinstance(entries, list) or not all(
+                isinstance(e, str) or (isinstance(e, dict) and isinstance(e.get("image"), str)) for e in entries):
+            raise DataError(f"{js}: {key!r} must be a list of file names or {{\"image\": ..., \"label\": ...}} "
+                            f"objects (every one with an 'image')")
     for entry in meta.get("training", []):
         rel = entry["image"] if isinstance(entry, dict) else entry
         images = _v1_channel_files(folder, rel, n_ch)
@@ -384,7 +414,8 @@ def read_nnunet_raw(folder: str | Path, *, strict: bool = True) -> Dataset:
     elif "modality" in meta or "training" in meta:
         ds = _read_v1(folder, meta, js)
     else:
-        raise DataError(f"{js}: neither nnU-Net v2 ('channel_names') nor v1 ('modality') format")
+        err = _missing_key(js, meta, "channel_names", 'nnU-Net v2; v1 has "modality" instead')
+        raise DataError(f"{err} (neither nnU-Net v2 nor v1 format)")
     ids = [r.case_id for r in ds.cases]
     dup = sorted({i for i in ids if ids.count(i) > 1})
     if dup:
@@ -453,7 +484,9 @@ def read_manifest(
             )
         channel_names = [c[len("image_"):] if c.startswith("image_") else c for c in image_cols]
         has_label = "label" in fields
+        has_case = "case" in fields
         records: list[CaseRecord] = []
+        rows: list[int] = []  # the data row number of each record
         for n, row in enumerate(reader, start=1):
             row = {(k or "").strip(): v for k, v in row.items()}
             if all(_clean(v) is None for v in row.values() if isinstance(v, str)):
@@ -483,6 +516,7 @@ def read_manifest(
             if cid is None:
                 src = label if label is not None else (images[0] if images else None)
                 cid = re.sub(r"_\d{4}$", "", _strip_nifti(src.name)) if src is not None else f"row{n}"
+            rows.append(n)
             records.append(CaseRecord(
                 cid, images, label,
                 stratum=_clean(row.get("stratum")),
@@ -494,7 +528,10 @@ def read_manifest(
     ids = [r.case_id for r in records]
     dup = sorted({i for i in ids if ids.count(i) > 1})
     if dup:
-        raise DataError(f"{csv_path}: duplicate case ids {dup} (add a 'case' column)")
+        where = "; ".join(f"{i!r} in rows {', '.join(str(n) for n, c in zip(rows, ids) if c == i)}" for i in dup)
+        fix = ("make the 'case' column unique" if has_case else
+               "the ids come from the file names; add a unique 'case' column")
+        raise DataError(f"{csv_path}: duplicate case id(s): {where} (rows counted from 1 after the header); {fix}")
     bad_ids = [i for i in ids if "/" in i or "\\" in i or i.startswith(".")]
     if bad_ids:
         raise DataError(f"{csv_path}: case ids must not contain '/' or start with '.': {bad_ids}")

@@ -32,7 +32,15 @@ __all__ = [
     "from_canonical",
     "canonical_spacing",
     "voxel_spacing",
+    "check_spacing",
+    "SPACING_MIN_MM",
+    "SPACING_MAX_MM",
 ]
+
+# Plausible voxel sizes for brain MRI (and most medical images); outside, the header is wrong
+# (e.g. units in micrometres, or a corrupt pixdim) and resampling with it would be garbage.
+SPACING_MIN_MM = 1e-3
+SPACING_MAX_MM = 100.0
 
 
 class DataError(ValueError):
@@ -69,7 +77,7 @@ def _squeeze_to_3d(path: Path, shape: tuple[int, ...], expect_3d: bool) -> tuple
     if len(shape) < 3:
         raise DataError(f"{path}: {len(shape)}D image of shape {shape}; a 3D volume was expected")
     if not expect_3d:
-        return shape
+        return _check_nonempty(path, shape)
     extra = shape[3:]
     if any(s != 1 for s in extra):
         raise DataError(
@@ -77,7 +85,24 @@ def _squeeze_to_3d(path: Path, shape: tuple[int, ...], expect_3d: bool) -> tuple
             f"(a trailing singleton 4th dimension is allowed; split multi-channel 4D files into "
             f"one file per channel)"
         )
-    return shape[:3]
+    return _check_nonempty(path, shape[:3])
+
+
+def _check_nonempty(path: Path, shape: tuple[int, ...]) -> tuple[int, ...]:
+    if any(s == 0 for s in shape):
+        raise DataError(f"{path}: empty image: shape {shape} has a zero-length axis")
+    return shape
+
+
+def check_spacing(path: Any, affine: np.ndarray) -> tuple[float, float, float]:
+    """The voxel sizes of ``affine`` (array axis order); :class:`DataError` naming ``path`` when one
+    is outside ``[SPACING_MIN_MM, SPACING_MAX_MM]``."""
+    sp = voxel_spacing(affine)
+    if not all(SPACING_MIN_MM <= v <= SPACING_MAX_MM for v in sp):
+        raise DataError(
+            f"{path}: implausible voxel size {tuple(float(f'{v:.4g}') for v in sp)} mm (allowed "
+            f"{SPACING_MIN_MM:g}..{SPACING_MAX_MM:g} mm per axis); fix the header's pixdim / affine")
+    return sp
 
 
 def load_header(path: str | os.PathLike, *, expect_3d: bool = True):

@@ -18,13 +18,17 @@ Per case (nnU-Net order):
 
 Every bad input raises :class:`~jaxseg.data.io.DataError` naming the file and the problem; with
 ``skip_bad=True`` the case is rejected instead and listed in ``store_root/rejected.json``.
-Cases already complete in the store are skipped, so a killed run can simply be rerun.
+Cases already complete in the store are skipped while their source files are unchanged (path, size,
+mtime recorded in meta.json; changed ones are redone), so a killed run can simply be rerun.
 """
 
 from __future__ import annotations
 
 import multiprocessing as mp
+import os
+import shutil
 import time
+import warnings
 from concurrent.futures import FIRST_COMPLETED, Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor, wait
 from pathlib import Path
 from typing import Any, Iterable, Sequence
@@ -35,7 +39,8 @@ from scipy import ndimage
 
 from . import store
 from .datasets import CaseRecord, Dataset, read_dataset
-from .io import DataError, canonical_spacing, from_canonical, load_header, load_nifti, to_canonical
+from .io import (SPACING_MAX_MM, SPACING_MIN_MM, DataError, canonical_spacing, check_spacing, from_canonical,
+                 load_header, load_nifti, to_canonical)
 
 __all__ = [
     "prepare",
@@ -43,6 +48,7 @@ __all__ = [
     "restore_geometry",
     "check_affines",
     "median_spacing",
+    "source_fingerprint",
     "AFFINE_ATOL_MM",
     "AFFINE_ATOL_LINEAR",
 ]
@@ -50,6 +56,8 @@ __all__ = [
 AFFINE_ATOL_MM = 1e-3  # origin / translation tolerance, mm
 AFFINE_ATOL_LINEAR = 1e-4  # tolerance on the 3x3 (rotation x voxel size) part
 PREPROCESSING_VERSION = 1
+MAX_RESAMPLED_VOXELS = 2 ** 30  # per channel; beyond this a bad spacing, not a real volume
+SPACING_OUTLIER_FACTOR = 10.0  # a case this many times off the median spacing (any axis) is warned about
 
 
 # --------------------------------------------------------------------------- checks
@@ -79,6 +87,7 @@ def _load_checked(rec: CaseRecord, label_values: set[int] | None):
     for p in rec.images:
         data, aff, hdr = load_nifti(p)
         if ref_path is None:
+            check_spacing(p, aff)
             ref_path, ref_aff, ref_hdr, ref_shape = p, aff, hdr, data.shape
         else:
             if data.shape != ref_shape:
@@ -152,20 +161,65 @@ def _crop_box(image: np.ndarray, label: np.ndarray | None) -> tuple[np.ndarray, 
     return mask, [[int(a), int(b)] for a, b in zip(lo, hi)]
 
 
-def median_spacing(records: Iterable[CaseRecord]) -> tuple[float, float, float] | None:
-    """Median voxel spacing (RAS axis order) over the readable first-channel headers."""
-    sp = []
+def _header_spacings(records: Iterable[CaseRecord]) -> tuple[list[tuple[CaseRecord, tuple]], list[str]]:
+    """(record, RAS spacing) for the readable first-channel headers, and the messages of those whose
+    voxel size is implausible (left out)."""
+    good, bad = [], []
     for r in records:
         if r.problem or not r.images:
             continue
         try:
             _, aff, _ = load_header(r.images[0])
-            sp.append(canonical_spacing(aff))
-        except DataError:
-            continue
+            check_spacing(r.images[0], aff)
+            good.append((r, canonical_spacing(aff)))
+        except DataError as exc:
+            if "implausible voxel size" in str(exc):
+                bad.append(f"case {r.case_id!r}: {exc}")
+    return good, bad
+
+
+def median_spacing(records: Iterable[CaseRecord]) -> tuple[float, float, float] | None:
+    """Median voxel spacing (RAS axis order) over the readable first-channel headers with a plausible
+    voxel size (``SPACING_MIN_MM``..``SPACING_MAX_MM``)."""
+    sp = [s for _, s in _header_spacings(records)[0]]
     if not sp:
         return None
     return tuple(float(v) for v in np.median(np.asarray(sp), axis=0))
+
+
+def source_fingerprint(rec: CaseRecord) -> list[dict]:
+    """Path, size and modification time of a case's source files (channels, then the label): a stored
+    case counts as done only while these match."""
+    out = []
+    for p in [*rec.images, *([] if rec.label is None else [rec.label])]:
+        st = os.stat(p)
+        out.append({"path": str(p), "size": int(st.st_size), "mtime_ns": int(st.st_mtime_ns)})
+    return out
+
+
+def _stale_reason(root: Path, rec: CaseRecord) -> str | None:
+    """Why the stored case ``rec.case_id`` must be redone (its sources changed), or None."""
+    if rec.problem:
+        return rec.problem
+    try:
+        old = store.read_case_meta(root, rec.case_id).get("source_fingerprint")
+    except (OSError, ValueError):
+        return "its meta.json is unreadable"
+    if old is None:
+        return "the store has no fingerprint of its source files (prepared by an older jaxseg)"
+    try:
+        new = source_fingerprint(rec)
+    except OSError as exc:
+        return f"a source file cannot be read: {exc}"
+    old_paths, new_paths = [f["path"] for f in old], [f["path"] for f in new]
+    if old_paths != new_paths:
+        return f"its source files are now {new_paths}, the store's copy came from {old_paths}"
+    for o, n in zip(old, new):
+        if o != n:
+            when = [time.strftime("%Y-%m-%d %H:%M:%S", time.localtime((f.get("mtime_ns") or 0) / 1e9)) for f in (o, n)]
+            return (f"{n['path']} changed since it was prepared (size {o.get('size')} -> {n['size']} bytes, "
+                    f"modified {when[0]} -> {when[1]})")
+    return None
 
 
 # --------------------------------------------------------------------------- one case
@@ -177,6 +231,12 @@ def prepare_case(rec: CaseRecord, store_root: str | Path, *, labels: dict[str, i
     """Check, preprocess and write one case; returns a short summary. Raises DataError."""
     t0 = time.perf_counter()
     label_values = None if labels is None else set(labels.values())
+    if rec.problem:
+        raise DataError(rec.problem)
+    try:
+        fingerprint = source_fingerprint(rec)  # before reading: a file changed meanwhile is redone next time
+    except OSError:
+        fingerprint = None  # _load_checked names the missing file
     image, label, affine, _ = _load_checked(rec, label_values)
     where = rec.images[0]
     orig_shape = [int(s) for s in image.shape[:3]]
@@ -218,6 +278,10 @@ def prepare_case(rec: CaseRecord, store_root: str | Path, *, labels: dict[str, i
     if target_spacing is not None:
         ts_ = np.asarray(target_spacing, dtype=np.float64)
         new_shape = [max(1, int(round(n * s / t))) for n, s, t in zip(cropped_shape, spacing_orig, ts_)]
+        if float(np.prod(new_shape, dtype=np.float64)) > MAX_RESAMPLED_VOXELS:
+            raise DataError(f"{where}: resampling {cropped_shape} voxels of {tuple(spacing_orig)} mm to "
+                            f"{tuple(float(t) for t in ts_)} mm would give {new_shape} voxels "
+                            f"(more than {MAX_RESAMPLED_VOXELS}); check the header's voxel size")
         if new_shape != cropped_shape:
             img_c = _resample_image(img_c, new_shape)
             if lab_c is not None:
@@ -231,6 +295,7 @@ def prepare_case(rec: CaseRecord, store_root: str | Path, *, labels: dict[str, i
         "source_images": [str(p) for p in rec.images],
         "source_label": None if rec.label is None else str(rec.label),
         "source": source,
+        "source_fingerprint": fingerprint,
         "channel_names": list(channel_names),
         "original_affine": affine.tolist(),
         "original_shape": orig_shape,
@@ -271,19 +336,35 @@ def _prepare_case_job(rec: CaseRecord, store_root: str, labels, channel_names, t
 # --------------------------------------------------------------------------- whole dataset
 
 
-def _resolve_target(target_spacing, records) -> tuple[float, float, float] | None:
+def _resolve_target(target_spacing, records, skip_bad: bool = False) -> tuple[float, float, float] | None:
     if target_spacing is None:
         return None
     if isinstance(target_spacing, str):
         if target_spacing != "median":
-            raise ValueError(f"target_spacing must be None, 'median' or 3 numbers, got {target_spacing!r}")
-        med = median_spacing(records)
-        if med is None:
+            raise DataError(f"target_spacing must be None, 'median' or 3 numbers, got {target_spacing!r}")
+        good, bad = _header_spacings(records)
+        if bad and not skip_bad:  # one absurd header would drag the median (and every case) with it
+            raise DataError(f"target_spacing='median': {len(bad)} case(s) have an implausible voxel size "
+                            f"(fix their headers, or --skip-bad to leave them out): " + "; ".join(bad))
+        if not good:
             raise DataError("target_spacing='median': no readable image header to compute it from")
+        med = tuple(float(v) for v in np.median(np.asarray([s for _, s in good]), axis=0))
+        far = [f"{r.images[0]} ({', '.join(f'{v:.3g}' for v in s)} mm)" for r, s in good
+               if max(max(a / b, b / a) for a, b in zip(s, med)) > SPACING_OUTLIER_FACTOR]
+        if far:
+            warnings.warn(f"target_spacing='median' = {', '.join(f'{v:.3g}' for v in med)} mm: "
+                          f"{len(far)} case(s) are more than {SPACING_OUTLIER_FACTOR:g}x off it: " + "; ".join(far),
+                          stacklevel=3)
         return med
-    t = tuple(float(v) for v in target_spacing)
+    try:
+        t = tuple(float(v) for v in target_spacing)
+    except (TypeError, ValueError):
+        t = ()
     if len(t) != 3 or not all(np.isfinite(t)) or min(t) <= 0:
-        raise ValueError(f"target_spacing must be 3 positive numbers (RAS axis order), got {target_spacing!r}")
+        raise DataError(f"target_spacing must be 3 positive numbers (RAS axis order), got {target_spacing!r}")
+    if not all(SPACING_MIN_MM <= v <= SPACING_MAX_MM for v in t):
+        raise DataError(f"target_spacing {t} mm is implausible (allowed {SPACING_MIN_MM:g}..{SPACING_MAX_MM:g} mm "
+                        f"per axis)")
     return t
 
 
@@ -345,18 +426,21 @@ def prepare(
     it (``None``: all). ``crop=False`` keeps the whole (canonical) grid instead of cropping to the
     nonzero box, for volumes registered to a common space. ``reader_kwargs`` go to :func:`read_manifest` (``channels=``, ``labels=``).
 
-    Cases already complete in the store are skipped. ``skip_bad=False``: the first bad case raises
-    :class:`DataError` (cases written before stay valid). ``skip_bad=True``: bad cases are
+    Cases already complete in the store are skipped while their source files' fingerprint (path,
+    size, mtime; :func:`source_fingerprint`) matches the one recorded in their ``meta.json``;
+    otherwise they are prepared again and listed in ``redone`` with the reason. A store prepared
+    from another dataset (``source``) or with another label set is refused. ``skip_bad=False``: the
+    first bad case raises :class:`DataError` (cases written before stay valid). ``skip_bad=True``: bad cases are
     rejected and listed, with the reason, in ``store_root/rejected.json`` and the report.
 
     Report keys: ``store_root``, ``source``, ``n_total``, ``prepared``, ``skipped_existing``,
-    ``rejected`` ([{"case_id", "reason"}]), ``target_spacing``, ``seconds``.
+    ``redone`` ([{"case_id", "reason"}]), ``rejected`` ([{"case_id", "reason"}]), ``target_spacing``, ``seconds``.
     """
     t0 = time.perf_counter()
     root = Path(store_root)
     ds = read_dataset(dataset_path, strict=not skip_bad, **reader_kwargs)
     records = [r for r in ds.cases if splits is None or r.split in set(splits)]
-    target = _resolve_target(target_spacing, records)
+    target = _resolve_target(target_spacing, records, skip_bad)
     settings = _settings(ds, target, crop)
 
     root.mkdir(parents=True, exist_ok=True)
@@ -368,11 +452,28 @@ def prepare(
             raise DataError(
                 f"{ds_json}: this store was prepared with different settings "
                 f"({old.get('preprocessing')}) than now ({settings}); use another store_root")
+        # Cases of two datasets must not mix under one label set.
+        if old.get("source") not in (None, str(ds.root)):
+            raise DataError(f"{ds_json}: this store holds cases prepared from {old['source']}, not "
+                            f"{ds.root}; prepare into another --store (or delete {root} first)")
+        if "labels" in old and old["labels"] != ds.labels:
+            raise DataError(f"{ds_json}: this store was prepared with the labels {old['labels']}, the dataset "
+                            f"now declares {ds.labels}; prepare into another --store (or delete {root} first)")
     store.write_dataset_meta(root, _dataset_meta(ds, settings, root, "in progress"))
 
     done = set(store.list_cases(root))
-    skipped = [r.case_id for r in records if r.case_id in done]
-    todo = [r for r in records if r.case_id not in done]
+    skipped: list[str] = []
+    redone: list[dict] = []  # stored cases whose source files changed: prepared again
+    todo = []
+    for r in records:
+        if r.case_id in done:
+            why = _stale_reason(root, r)
+            if why is None:
+                skipped.append(r.case_id)
+                continue
+            redone.append({"case_id": r.case_id, "reason": why})
+        todo.append(r)
+    stale = {d["case_id"] for d in redone}
     prepared: list[str] = []
     rejected: list[dict] = []
     args = (str(root), ds.labels, list(ds.channel_names), target, str(ds.root), crop)
@@ -387,6 +488,8 @@ def prepare(
         else:
             if not skip_bad:
                 raise DataError(payload)
+            if rec.case_id in stale:  # its old stored copy no longer matches the sources
+                shutil.rmtree(root / rec.case_id, ignore_errors=True)
             rejected.append({"case_id": rec.case_id, "reason": payload})
         bar.update(1)
         bar.set_postfix(rejected=len(rejected), refresh=False)
@@ -428,6 +531,7 @@ def prepare(
         "n_total": len(records),
         "prepared": sorted(prepared),
         "skipped_existing": sorted(skipped),
+        "redone": sorted(redone, key=lambda r: r["case_id"]),
         "rejected": rejected,
         "target_spacing": None if target is None else list(target),
         "seconds": time.perf_counter() - t0,

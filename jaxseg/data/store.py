@@ -43,6 +43,8 @@ __all__ = [
     "read_patch",
     "write_dataset_meta",
     "read_dataset_meta",
+    "read_case_meta",
+    "check_for_training",
     "remove_stale_temp",
     "FG_MAX_SAMPLES",
     "FG_SEED",
@@ -337,3 +339,61 @@ def read_dataset_meta(root: Path) -> dict:
     path = Path(root) / "dataset.json"
     with open(path) as f:
         return json.load(f)
+
+
+def read_case_meta(root: Path, case_id: str) -> dict:
+    """Read ``root/<case_id>/meta.json``."""
+    _check_case_id(case_id)
+    with open(Path(root) / case_id / "meta.json") as f:
+        return json.load(f)
+
+
+def _prepare_command(root: Path, meta: dict) -> str:
+    """The `prepare` command line that (re)builds this store from its recorded settings."""
+    pre = meta.get("preprocessing") or {}
+    cmd = f"python -m jaxseg.launch prepare --dataset {meta.get('source', 'DATASET')} --store {root}"
+    if pre.get("target_spacing") is not None:
+        cmd += " --spacing " + ",".join(f"{v:g}" for v in pre["target_spacing"])
+    if pre.get("crop") == "none":
+        cmd += " --no-crop"
+    return cmd
+
+
+def check_for_training(root: Path, *, num_classes: int | None = None, num_channels: int | None = None) -> dict:
+    """``root/dataset.json`` if the store is complete and fits the config; otherwise a
+    :class:`~jaxseg.data.io.DataError` naming the store (or the ``data.*`` key, both values) and the fix.
+
+    ``num_classes`` must equal the store's label count (largest label value + 1; without a declared
+    label set, it must exceed every stored class); ``num_channels`` its channel count."""
+    from .io import DataError
+
+    root = Path(root)
+    path = root / "dataset.json"
+    try:
+        meta = read_dataset_meta(root)
+    except FileNotFoundError:
+        raise DataError(f"{root}: no prepared case store (no dataset.json; run `python -m jaxseg.launch "
+                        f"prepare`)") from None
+    except (OSError, ValueError) as exc:
+        raise DataError(f"{path}: unreadable: {exc}") from None
+    if meta.get("status") != "complete":
+        raise DataError(f"{path}: status {meta.get('status')!r}: `prepare` did not finish, so the store holds "
+                        f"only some cases; finish it with `{_prepare_command(root, meta)}`")
+    channels = meta.get("channel_names")
+    if num_channels is not None and isinstance(channels, list) and len(channels) != num_channels:
+        raise DataError(f"data.num_channels={num_channels} but the store {root} has {len(channels)} channel(s) "
+                        f"{channels}; set data.num_channels={len(channels)}")
+    labels = meta.get("labels")
+    if num_classes is not None:
+        if isinstance(labels, dict) and labels:
+            n = max(int(v) for v in labels.values()) + 1
+            if n != num_classes:
+                raise DataError(f"data.num_classes={num_classes} but the store {root} has {n} classes "
+                                f"(labels {labels}); set data.num_classes={n}")
+        else:
+            present = [c for cid in list_cases(root) for c in read_case_meta(root, cid).get("classes_present", [])]
+            n = max(present, default=0) + 1
+            if n > num_classes:
+                raise DataError(f"data.num_classes={num_classes} but the store {root} has label value {n - 1}; "
+                                f"set data.num_classes to at least {n}")
+    return meta

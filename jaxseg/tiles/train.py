@@ -262,6 +262,8 @@ def load_params(path: Path):
 
 def train_dlb(cfg: Config, workdir, *, mesh=None, log=print) -> dict:
     """Both stages as ``cfg.dlb.method`` says; returns a summary (also written to workdir/train.json)."""
+    # A finished `prepare` whose classes / channels match the config, checked before anything is written.
+    store.check_for_training(cfg.data.store, num_classes=cfg.data.num_classes, num_channels=cfg.data.num_channels)
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     d = cfg.dlb

@@ -245,6 +245,8 @@ def train_and_evaluate(cfg: Config, workdir: str | os.PathLike, *, max_steps: in
     """
     # --- Run directory ------------------------------------------------------------------------
     distributed.initialize()
+    # A finished `prepare` whose classes / channels match the config, checked before anything is written.
+    store.check_for_training(cfg.data.store, num_classes=cfg.data.num_classes, num_channels=cfg.data.num_channels)
     workdir = Path(workdir)
     main = distributed.is_main_process()
     if main:
@@ -265,8 +267,6 @@ def train_and_evaluate(cfg: Config, workdir: str | os.PathLike, *, max_steps: in
 
     # --- Input --------------------------------------------------------------------------------
     store_root = Path(cfg.data.store)
-    if not (store_root / "dataset.json").exists():
-        raise TrainingError(f"{store_root}: no prepared case store (run `python -m jaxseg.launch prepare`)")
     all_train = CaseSource(store_root, split="train")
     train_ids, val_ids = select_cases(all_train.case_ids, cfg, store_root)
     # data.max_train_cases: fewer training subjects (label budgeting's "full"); validation is unchanged.
