@@ -232,7 +232,10 @@ def main() -> None:
     impls = args.strided.split(",")
     ref = reference_layer(args)
     layers = unet_layers(args.unet_size, args.batch, args.features_base) if args.unet_size else []
-    base_flags = os.environ.get("XLA_FLAGS", "")
+    # without the oneDNN flags that `import jaxseg` added to this process: each variant sets its own
+    from jaxseg import runtime
+
+    base_flags = " ".join(f for f in os.environ.get("XLA_FLAGS", "").split() if f not in runtime.ONEDNN_FLAGS)
     payload = {"benchmark": "conv_cpu", "environment": environment(),
                "settings": {"reference_layer": ref, "repeats": args.repeats, "strided": impls,
                             "unet_size": args.unet_size, "features_base": args.features_base,
