@@ -9,6 +9,45 @@ from pathlib import Path
 from typing import Iterator
 
 
+class OutputError(RuntimeError):
+    """An output folder that cannot be created or written; the message names it."""
+
+
+def ensure_writable_dir(path: str | os.PathLike, flag: str = "") -> Path:
+    """Create folder `path` if needed and check that a file can be written in it, before any work.
+
+    Raises OutputError naming the folder (and `flag`, e.g. "--output") otherwise. A real write
+    probe, not os.access: root passes os.access on a read-only mount.
+    """
+    path = Path(path)
+    where = f"{path}" + (f" ({flag})" if flag else "")
+    if path.exists() and not path.is_dir():
+        raise OutputError(f"{where}: exists and is not a folder")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".write-test-", dir=str(path))
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise OutputError(f"{where}: output folder is not writable ({e.strerror or e})") from None
+    return path
+
+
+@contextlib.contextmanager
+def output_dir(path: str | os.PathLike, flag: str = "") -> Iterator[Path]:
+    """`ensure_writable_dir` for a `with` block; a folder it created is removed again when the block
+    leaves it empty (a command that failed early leaves no trace)."""
+    path = Path(path)
+    created = not path.exists()
+    ensure_writable_dir(path, flag)
+    try:
+        yield path
+    finally:
+        if created:
+            with contextlib.suppress(OSError):
+                path.rmdir()  # only succeeds when empty
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)

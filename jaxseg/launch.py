@@ -9,6 +9,8 @@ weights -> a run directory). Each has --help.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import dataclasses
 import math
 import sys
 from pathlib import Path
@@ -38,11 +40,14 @@ def cmd_synth(args) -> None:
 
 def cmd_prepare(args) -> None:
     from jaxseg.data.prepare import prepare
+    from jaxseg.locks import hold
 
     cfg = _config(args)
     spacing = _parse_spacing(args.spacing)
-    report = prepare(args.dataset or cfg.data.dataset, args.store or cfg.data.store, target_spacing=spacing,
-                     num_workers=args.workers, skip_bad=args.skip_bad, crop=not args.no_crop)
+    store_root = args.store or cfg.data.store
+    with hold(store_root, "prepare", "--store" if args.store else "data.store"):
+        report = prepare(args.dataset or cfg.data.dataset, store_root, target_spacing=spacing,
+                         num_workers=args.workers, skip_bad=args.skip_bad, crop=not args.no_crop)
     for r in report["redone"]:
         print(f"redid case {r['case_id']!r}: {r['reason']}", file=sys.stderr)
     redone = f" ({len(report['redone'])} redone: source changed)" if report["redone"] else ""
@@ -69,31 +74,66 @@ def cmd_train(args) -> None:
     from jaxseg.train.loop import train_and_evaluate
 
     out = train_and_evaluate(_config(args), args.workdir, max_steps=args.max_steps)
+    best = out["best"]
+    val = ("no validation ran" if best.get("step") is None
+           else f"best validation Dice {best['val_dice']:.4f} at step {best['step']}")
     print(f"trained to step {out['step']}/{out['total_steps']} ({out['skipped_steps']} non-finite steps skipped); "
-          f"best validation Dice {out['best'].get('val_dice')} at step {out['best'].get('step')}")
+          f"{val}")
 
 
 def cmd_predict(args) -> None:
-    from jaxseg.inference.runs import predict_with_runs
+    from jaxseg.data.io import DataError
+    from jaxseg.inference.runs import check_runs, predict_with_runs
+    from jaxseg.locks import hold
 
-    preds = predict_with_runs(args.run, args.input, args.output, which=args.checkpoint,
-                              splits=args.split or None, mirror_tta=args.mirror_tta or None,
-                              save_probabilities=args.probabilities)
-    print(f"wrote {len(preds)} predictions to {args.output}")
+    check_runs(args.run)  # cheap checks before the lock and before any parameters are loaded
+    with hold(args.output, "predict", "--output"):
+        preds = predict_with_runs(args.run, args.input, args.output, which=args.checkpoint,
+                                  splits=args.split or None, mirror_tta=args.mirror_tta or None,
+                                  save_probabilities=args.probabilities, skip_bad=args.skip_bad,
+                                  skip_existing=not args.overwrite)
+    kept = [p.case_id for p in preds if p.kept]
+    print(f"wrote {len(preds) - len(kept)} predictions to {args.output}"
+          + (f", kept {len(kept)} already there (--overwrite to redo them)" if kept else ""))
+    if preds.failed:
+        raise DataError(f"{args.input}: {len(preds.failed)} case(s) failed and were skipped: "
+                        + "; ".join(f"{c}: {m}" for c, m in preds.failed.items()))
 
 
 def cmd_evaluate(args) -> None:
+    from jaxseg.fileio import output_dir
+
+    with output_dir(args.out, "--out") as out:  # checked before any work; removed if left empty
+        _evaluate(args, out)
+
+
+def _evaluate(args, out: Path) -> None:
+    from jaxseg.data.datasets import read_dataset
+    from jaxseg.data.io import DataError
     from jaxseg.evaluation.evaluate import evaluate_folder, write_case_csv
     from jaxseg.evaluation.report import write_report
 
+    reference = read_dataset(args.reference)
+    if args.split:
+        reference = dataclasses.replace(reference, cases=[c for c in reference.cases if c.split in set(args.split)])
+        if not reference.cases:
+            raise DataError(f"{args.reference}: no case in split(s) {args.split}")
     rows, methods = [], []
     for item in args.pred:
         name, sep, folder = item.partition("=")
         if not sep:
             name, folder = Path(item).name, item
-        rows.extend(evaluate_folder(folder, args.reference, method=name))
+        # Without --split: exactly the cases that were predicted, saying which references have none.
+        got = evaluate_folder(folder, reference, method=name, allow_missing=not args.split, warn_missing=False)
+        if not got:
+            raise DataError(f"{folder}: no prediction of a case of {args.reference}")
+        if got.missing:
+            shown = ", ".join(got.missing[:10]) + (" ..." if len(got.missing) > 10 else "")
+            print(f"{name}: evaluated the {len(got)} predicted case(s) of {len(got) + len(got.missing)}; "
+                  f"{len(got.missing)} without a prediction in {folder} left out (--split to choose): {shown}",
+                  file=sys.stderr)
+        rows.extend(got)
         methods.append(name)
-    out = Path(args.out)
     write_case_csv(rows, out / "metrics.csv")
     paths = write_report(out, rows, methods=methods, title=args.title)
     print(f"wrote {out / 'metrics.csv'}, {paths['markdown']}, {paths['html']}")
@@ -203,6 +243,10 @@ def parser() -> argparse.ArgumentParser:
     sp.add_argument("--split", action="append", help="only cases of this split (e.g. test); repeatable")
     sp.add_argument("--mirror-tta", action="store_true", help="average over the 8 mirrorings")
     sp.add_argument("--probabilities", choices=("nifti", "npz"), help="also write class probabilities")
+    sp.add_argument("--skip-bad", action="store_true",
+                    help="report a bad input case and go on with the others (exit code 1 at the end)")
+    sp.add_argument("--overwrite", action="store_true",
+                    help="predict again cases whose output exists (default: keep them, e.g. on a rerun)")
 
     sp = add("evaluate", cmd_evaluate, "per-case metrics, stratified percentile tables and a report",
              config=False)
@@ -210,6 +254,9 @@ def parser() -> argparse.ArgumentParser:
     sp.add_argument("--reference", required=True, help="dataset (nnU-Net raw or CSV) with the reference labels")
     sp.add_argument("--out", required=True, help="folder for metrics.csv, report.md, report.html, plots/")
     sp.add_argument("--title", default="Segmentation evaluation")
+    sp.add_argument("--split", action="append",
+                    help="only reference cases of this split (e.g. test), each must have a prediction; "
+                         "default: the cases that have one")
 
     sp = add("dlb-train", cmd_dlb_train, "DeepLesionBrain: train the generic network and/or the tile ensemble "
              "(config section `dlb`) from a store prepared with --no-crop")
@@ -259,6 +306,24 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+@contextlib.contextmanager
+def _quiet_cli():
+    """For a terminal user: orbax's absl notices (read-only checkpoint managers on every predict) are
+    not theirs to act on, and a warning is one line, not a source excerpt. Undone on return, for
+    callers of main() in a longer-lived process."""
+    import logging
+    import warnings
+
+    absl, level, fmt = logging.getLogger("absl"), logging.getLogger("absl").level, warnings.formatwarning
+    absl.setLevel(logging.ERROR)
+    warnings.formatwarning = lambda message, category, *args, **kwargs: f"warning: {message}\n"
+    try:
+        yield
+    finally:
+        absl.setLevel(level)
+        warnings.formatwarning = fmt
+
+
 def main(argv=None) -> int:
     p = parser()
     args = p.parse_args(argv)
@@ -271,13 +336,18 @@ def main(argv=None) -> int:
         args.config = str(Path(__file__).resolve().parent.parent / "configs" / default_configs[args.command])
     from jaxseg.config import ConfigError
     from jaxseg.data.io import DataError
+    from jaxseg.fileio import OutputError
+    from jaxseg.inference.runs import RunError
     from jaxseg.interop.torch_run import ImportRunError
+    from jaxseg.locks import LockError
     from jaxseg.train.checkpoint import IncompatibleResume
     from jaxseg.train.loop import TrainingError
 
     try:
-        args.fn(args)
-    except (ConfigError, DataError, ImportRunError, IncompatibleResume, TrainingError, FileNotFoundError) as e:
+        with _quiet_cli():
+            args.fn(args)
+    except (ConfigError, DataError, ImportRunError, IncompatibleResume, TrainingError, FileNotFoundError,
+            OutputError, LockError, RunError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     return 0

@@ -96,7 +96,7 @@ def find_prediction(pred_dir: str | os.PathLike, case_id: str) -> Path | None:
     return None
 
 
-def _collect(pred_dir, reference, strata, allow_missing):
+def _collect(pred_dir, reference, strata, allow_missing, warn_missing=True):
     pred_dir = Path(pred_dir)
     if not pred_dir.is_dir():
         raise DataError(f"{pred_dir}: prediction folder not found")
@@ -113,7 +113,7 @@ def _collect(pred_dir, reference, strata, allow_missing):
             missing.append(case)
             continue
         tasks.append((case, pred, refs[case], ds_strata.get(case)))
-    if missing:
+    if missing and warn_missing:
         warnings.warn(
             f"{len(missing)} of {len(refs)} case(s) have no prediction in {pred_dir} and were "
             f"skipped: {', '.join(missing)}",
@@ -152,10 +152,12 @@ def _load_pair(pred_path: Path, ref_path: Path, affine_atol: float):
 
 
 def _labels_case(task) -> dict[str, Any]:
-    (case, pred_path, ref_path, stratum), method, labels, affine_atol = task
+    (case, pred_path, ref_path, stratum), method, labels, affine_atol, declared = task
     pred, ref, spacing = _load_pair(pred_path, ref_path, affine_atol)
     raw = M.evaluate_case(pred, ref, list(labels.values()), spacing)
     row: dict[str, Any] = {"case": case, "method": method, "stratum": stratum}
+    # Reported by the parent: a warning raised in a worker process would not reach the user.
+    row["_undeclared"] = [] if declared is None else sorted(int(v) for v in np.unique(pred) if int(v) not in declared)
     for name, value in labels.items():
         for key in ("dice", "iou", "hd95", "msd", "vol_pred", "vol_ref"):
             row[f"{key}_{name}"] = raw[f"{key}_{value}"]
@@ -204,6 +206,7 @@ def evaluate_folder(
     allow_missing: bool = False,
     include_background: bool = False,
     affine_atol: float = 1e-3,
+    warn_missing: bool = True,
 ) -> CaseRows:
     """Per-case metrics of every prediction in ``pred_dir`` that has a reference.
 
@@ -214,16 +217,30 @@ def evaluate_folder(
     can be concatenated for :func:`jaxseg.evaluation.report.compare_methods`.
 
     Returns a :class:`CaseRows` (list of dicts in case-id order, ``.missing`` = skipped cases).
+    A prediction holding a value the reference dataset does not declare is evaluated (the value
+    counts as background) with a warning naming the case and the values. ``warn_missing=False``: the caller
+    reports ``.missing`` itself.
     """
-    tasks, missing, ds_labels = _collect(pred_dir, reference, strata, allow_missing)
+    tasks, missing, ds_labels = _collect(pred_dir, reference, strata, allow_missing, warn_missing)
     labels = ds_labels if labels is None else labels
     if not labels:
-        raise ValueError("no label set: pass labels={'name': value, ...}")
+        where = getattr(reference, "root", reference)
+        hint = (" (a CSV manifest takes it from labels.json next to it: {\"background\": 0, \"name\": 1, ...})"
+                if str(where).lower().endswith(".csv") else "")
+        raise DataError(f"{where}: the reference declares no label set{hint}")
+    # What the reference dataset declares (a mapping reference declares nothing: no check).
+    declared = None if ds_labels is None else {0, *(int(v) for v in ds_labels.values())}
     labels = {str(k): int(v) for k, v in labels.items() if include_background or int(v) != 0}
     if not labels:
         raise ValueError("the label set has only the background; pass include_background=True")
-    args = [(t, method, labels, affine_atol) for t in tasks]
-    return CaseRows(_run(_labels_case, args, num_workers), missing)
+    args = [(t, method, labels, affine_atol, declared) for t in tasks]
+    rows = _run(_labels_case, args, num_workers)
+    for row, (case, pred_path, _, _) in zip(rows, tasks):
+        extra = row.pop("_undeclared")
+        if extra:
+            warnings.warn(f"case {case!r}: prediction {pred_path} has label value(s) {extra} that the reference "
+                          f"does not declare (declared: {sorted(declared)}); they count as background", stacklevel=2)
+    return CaseRows(rows, missing)
 
 
 def evaluate_lesions(

@@ -54,6 +54,7 @@ from jaxseg.inference.sliding_window import average_apply_fns, sliding_window_lo
 
 __all__ = [
     "Prediction",
+    "Predictions",
     "make_apply_fn",
     "inference_kwargs",
     "predict_case",
@@ -68,12 +69,23 @@ _TMP_CASE_ID = "case"
 
 class Prediction(NamedTuple):
     """What a prediction wrote: the label map ``path``, the mean window ``age`` (AgeU-Net) or
-    None, and the ``probabilities`` file or None."""
+    None, and the ``probabilities`` file or None; ``kept``: the files were already there
+    (``skip_existing``) and were not written again."""
 
     case_id: str
     path: Path
     age: float | None = None
     probabilities: Path | None = None
+    kept: bool = False
+
+
+class Predictions(list):
+    """:func:`predict_folder`'s result: a list of :class:`Prediction` plus ``failed``, case id ->
+    message of the cases skipped with ``skip_bad``."""
+
+    def __init__(self, items=(), failed=None):
+        super().__init__(items)
+        self.failed: dict[str, str] = dict(failed or {})
 
 
 # --------------------------------------------------------------------------- model -> apply_fn
@@ -363,6 +375,14 @@ def find_cases(path: str | os.PathLike, *, splits: Sequence[str] | None = None, 
     return records
 
 
+def _read_ages_csv(path: Path) -> dict[str, float]:
+    try:
+        with open(path, newline="") as f:
+            return {r["case"]: float(r["predicted_age"]) for r in csv.DictReader(f)}
+    except (OSError, KeyError, ValueError):
+        return {}
+
+
 def _write_ages_csv(path: Path, preds: Sequence[Prediction]) -> None:
     buf = _io.StringIO()
     w = csv.writer(buf)
@@ -390,10 +410,12 @@ def predict_folder(
 
     ``kwargs`` go to :func:`predict_case` (``patch_size``, ``num_classes``, ``target_spacing``,
     ``mirror_axes``, ...). ``skip_existing``: keep outputs that already exist (writes are atomic,
-    so an existing file is complete; their ``age`` is None). ``skip_bad``: a case raising
-    :class:`DataError` is reported with a warning and left out instead of stopping the run.
-    Returns one :class:`Prediction` per written (or kept) case; when the model predicts ages they
-    are also written to ``out_dir/ages.csv``.
+    so an existing file is complete; with ``save_probabilities`` the probability file must exist
+    too; their ``age`` comes from an existing ``ages.csv``, else None). ``skip_bad``: a case
+    raising :class:`DataError` is reported with a warning and left out instead of stopping the run.
+    Returns a :class:`Predictions` (one :class:`Prediction` per written or kept case, ``.failed``:
+    the skipped bad cases); when the model predicts ages they are also written to
+    ``out_dir/ages.csv``.
     """
     if file_ending not in (".nii.gz", ".nii"):
         raise ValueError(f"file_ending must be '.nii.gz' or '.nii', got {file_ending!r}")
@@ -406,20 +428,25 @@ def predict_folder(
 
     from tqdm.auto import tqdm
 
-    results: list[Prediction] = []
-    failed: list[str] = []
+    results = Predictions()
+    failed = results.failed
+    old_ages = _read_ages_csv(out / "ages.csv") if skip_existing else {}
+    probs = kwargs.get("save_probabilities")
     bar = tqdm(records, desc="predict", unit="case", disable=not progress, dynamic_ncols=True)
     for rec in bar:
         target = out / f"{rec.case_id}{file_ending}"
-        if skip_existing and target.is_file():
-            results.append(Prediction(rec.case_id, target))
+        prob = (None if probs is None else
+                out / (f"{rec.case_id}_probabilities{file_ending}" if probs == "nifti"
+                       else f"{rec.case_id}_probabilities.npz"))
+        if skip_existing and target.is_file() and (prob is None or prob.is_file()):
+            results.append(Prediction(rec.case_id, target, old_ages.get(rec.case_id), prob, kept=True))
             continue
         try:
             results.append(predict_case(fns, rec.images, target, case_id=rec.case_id, **kwargs))
         except DataError as exc:
             if not skip_bad:
                 raise
-            failed.append(rec.case_id)
+            failed[rec.case_id] = str(exc)
             warnings.warn(f"case {rec.case_id!r} skipped: {exc}")
         bar.set_postfix(failed=len(failed), refresh=False)
     bar.close()

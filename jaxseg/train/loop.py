@@ -6,12 +6,14 @@ loop (batch, step, DRO table, non-finite guard, logs, checkpoints, validation) -
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
 import os
 import platform
 import subprocess
+import sys
 import time
 from importlib import metadata
 from pathlib import Path
@@ -22,7 +24,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from jaxseg import distributed, runtime
+from jaxseg import distributed, locks, runtime
 from jaxseg.config import Config, save_config
 from jaxseg.data import store
 from jaxseg.data.augment import PRESETS, for_patch
@@ -157,11 +159,14 @@ def _mean_foreground_dice(pred: np.ndarray, ref: np.ndarray, num_classes: int) -
     return float(np.mean(scores)) if scores else float("nan")
 
 
-def validate(apply_fn, store_root, case_ids, cfg: Config, patch_size) -> dict:
+def validate(apply_fn, store_root, case_ids, cfg: Config, patch_size, progress: bool = False) -> dict:
     """Full-volume sliding-window Dice on stored (preprocessed) validation cases; with an age head
     (`apply_fn` returns (logits, age)) also the absolute error of the mean window age."""
+    from tqdm import tqdm
+
     dices, age_errors = [], []
-    for cid in case_ids:
+    for cid in tqdm(case_ids, desc="validation", unit="case", leave=False, disable=not progress,
+                    dynamic_ncols=True):
         case = store.open_case(store_root, cid)
         image = np.asarray(case.image.read().result())
         label = np.asarray(case.label.read().result())
@@ -187,6 +192,25 @@ def case_ages(source: CaseSource, store_root) -> np.ndarray:
                                 f"case: an 'age' column in the dataset's metadata, then prepare again)")
         ages.append(float(age))
     return np.asarray(ages, np.float32)
+
+
+def truncate_metrics(path: Path, step: int) -> int:
+    """Drop the lines of `path` (metrics.jsonl) logged after `step`: a resumed run replays those steps
+    and logs them again. Returns how many lines were dropped."""
+    if not path.is_file():
+        return 0
+    keep, dropped = [], 0
+    for line in path.read_text().splitlines(keepends=True):
+        try:
+            after = int(json.loads(line)["step"]) > step
+        except (ValueError, KeyError, TypeError):  # a torn last line of a killed run
+            after = True
+        dropped += after
+        if not after:
+            keep.append(line)
+    if dropped:
+        write_text_atomic(path, "".join(keep))
+    return dropped
 
 
 def _shape(x) -> tuple:
@@ -235,6 +259,20 @@ def trainable_for(cfg: Config, abstract_params):
 
 def train_and_evaluate(cfg: Config, workdir: str | os.PathLike, *, max_steps: int | None = None,
                        progress: bool = True) -> dict:
+    """Train `cfg` in `workdir`, resuming from its last checkpoint if there is one.
+
+    One writer per run directory: process 0 holds `workdir`'s lock (jaxseg.locks) for the whole run;
+    a second run on it fails at once with a LockError naming the holder.
+    """
+    distributed.initialize()
+    held = locks.hold(workdir, f"train {cfg.experiment}", "--workdir") if distributed.is_main_process() \
+        else contextlib.nullcontext()
+    with held:
+        return _train_and_evaluate(cfg, workdir, max_steps=max_steps, progress=progress)
+
+
+def _train_and_evaluate(cfg: Config, workdir: str | os.PathLike, *, max_steps: int | None = None,
+                        progress: bool = True) -> dict:
     """Train `cfg` in `workdir`, resuming from its last checkpoint if there is one.
 
     Without one, the parameters come from `train.init_from` when it is set (another run's best/last
@@ -342,6 +380,8 @@ def train_and_evaluate(cfg: Config, workdir: str | os.PathLike, *, max_steps: in
             best = meta.get("best", best)
             init_source = meta.get("init_source")
             log.info("resumed from step %d", latest)
+            if main:
+                print(f"{workdir}: resumed from step {latest}", file=sys.stderr, flush=True)
         elif cfg.train.init_from is not None:
             # The parameters of another run (its best checkpoint, else its last), checked against this
             # model; the optimiser state starts fresh. Every process reads the same checkpoint.
@@ -363,6 +403,8 @@ def train_and_evaluate(cfg: Config, workdir: str | os.PathLike, *, max_steps: in
         raise
     if init_source is not None:
         transfer["init_from"] = init_source
+    if main:  # steps after the checkpoint are replayed and logged again
+        truncate_metrics(workdir / "metrics.jsonl", latest or 0)
     if main and transfer:
         write_text_atomic(workdir / "run.json", json.dumps({**run_info, "transfer": transfer}, indent=2) + "\n")
     if cfg.train.parallel == "pmap":
@@ -382,7 +424,7 @@ def train_and_evaluate(cfg: Config, workdir: str | os.PathLike, *, max_steps: in
     if progress and main:
         from tqdm import tqdm
 
-        bar = tqdm(total=stop_at, initial=step, unit="step", dynamic_ncols=True)
+        bar = tqdm(total=stop_at, initial=step, unit="step", dynamic_ncols=True, desc=f"train {cfg.experiment}")
     skipped = 0
     t_last, steps_since = time.perf_counter(), 0
     recent_losses: list[float] = []
@@ -464,7 +506,7 @@ def train_and_evaluate(cfg: Config, workdir: str | os.PathLike, *, max_steps: in
                 # predict's apply_fn: the highest-resolution logits (and ages); one compiled program for
                 # every validation, the parameters are an argument
                 apply_fn = make_apply_fn(model, {"params": params})
-                val = validate(apply_fn, store_root, val_ids, cfg, patch)
+                val = validate(apply_fn, store_root, val_ids, cfg, patch, progress=bar is not None)
                 metric_log.write(step, **val)
                 if val["val_dice"] > best["val_dice"]:
                     best = {"val_dice": val["val_dice"], "step": step}
