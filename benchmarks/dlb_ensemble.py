@@ -8,7 +8,8 @@ and the training step per tile group.
 filters, 2 channels (the paper needed 38 s per volume on a Titan Xp, networks loaded one by one).
 Default (CPU-sized, the setting of configs/dlb_ablation_synth.yaml): the same 5x5x5 grid on a 3 mm volume
 (57x70x56), 24^3 tiles, 4-...-64 filters.
-The training step is timed for the whole ensemble with each group size (networks vmapped together).
+The training step is timed for the whole ensemble with each group size (networks vmapped together; group
+size 1: one jitted network step at a time, the CPU form).
 """
 
 from __future__ import annotations
@@ -36,6 +37,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--paper", action="store_true", help="the paper's sizes (needs a GPU)")
     ap.add_argument("--groups", default="5,25,75", help="group sizes for inference and the train step")
+    ap.add_argument("--train-groups", default=None,
+                    help="group sizes for the train step (default: --groups); 1 = one jitted network at a time")
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--skip-loop", action="store_true")
     ap.add_argument("--out", required=True)
@@ -80,7 +83,7 @@ def main() -> None:
     lab = jnp.asarray((rng.random((n, 1) + grid.tile) < 0.02).astype(np.int32))
     keys = ens.step_keys(jax.random.PRNGKey(2), 0, n)
     active = jnp.ones(n, bool)
-    for g in groups:
+    for g in ([int(v) for v in args.train_groups.split(",")] if args.train_groups else groups):
         step = ens.ensemble_step(net_step, g)
         state = ens.init_state(jax.tree.map(jnp.copy, params), tx)
         holder = {"state": state}
