@@ -46,7 +46,8 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 import train_step_vs_torch as ts  # noqa: E402
 
-DEFAULT_VARIANTS = ";--xla_cpu_use_onednn=true --xla_cpu_experimental_onednn_custom_call=true"
+ONEDNN = ("--xla_cpu_use_onednn=true", "--xla_cpu_experimental_onednn_custom_call=true")  # = jaxseg.runtime's
+DEFAULT_VARIANTS = ";" + " ".join(ONEDNN)
 
 
 def _timed(fn, repeats: int, sync) -> dict:
@@ -212,7 +213,8 @@ def main() -> None:
     ap.add_argument("--torch-layouts", default="NCDHW,NDHWC")
     ap.add_argument("--unet-size", type=int, default=64, help="per-layer part: the U-Net's patch edge (0: skip)")
     ap.add_argument("--features-base", type=int, default=32)
-    ap.add_argument("--layer-xla-variants", default="", help="';'-separated XLA_FLAGS for the per-layer jax runs")
+    ap.add_argument("--layer-xla-variants", default=" ".join(ONEDNN),
+                    help="';'-separated XLA_FLAGS for the per-layer jax runs (default: jaxseg's oneDNN pair)")
     ap.add_argument("--layer-torch-layouts", default="NCDHW")
     ap.add_argument("--torch-threads", type=int, default=0)
     ap.add_argument("--timeout", type=float, default=3600, help="seconds per worker process")
