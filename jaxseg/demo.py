@@ -29,12 +29,12 @@ def _read_curve(run_dir: Path) -> list[dict]:
     path = run_dir / "metrics.jsonl"
     if not path.exists():
         return []
-    return [r for r in map(json.loads, path.read_text().splitlines()) if "loss" in r or "dro_ess" in r]
+    return [r for r in map(json.loads, path.read_text().splitlines()) if "loss" in r or "dro_ess" in r or "val_dice" in r]
 
 
 def _steps_per_s(curve: list[dict]) -> float:
     # The first logged window includes XLA's compile time: leave it out.
-    rates = [r["steps_per_s"] for r in curve[1:] if "steps_per_s" in r]
+    rates = [r["steps_per_s"] for r in curve if "steps_per_s" in r][1:]
     return float(np.median(rates)) if rates else float("nan")
 
 

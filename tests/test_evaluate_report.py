@@ -324,3 +324,13 @@ def test_case_csv_round_trip(tmp_path, data):
                 assert _same(float(v), b[k]), k
     assert back[0]["extra"] == 3.25 and all(b["extra"] is None for b in back[1:])
     assert any(r["hd95_Vent"] == math.inf for r in back)
+
+
+def test_training_curve_panels_skip_flat_values_and_keep_validation(tmp_path):
+    recs = [{"step": s, "loss": 1.0 / (s + 1), "grad_norm": 2.0 + s, "skipped_steps": 0, "epoch": s / 5}
+            for s in range(1, 6)]
+    recs += [{"step": 5, "val_dice": 0.4, "val_cases": 3}, {"step": 10, "val_dice": 0.6, "val_cases": 3}]
+    curves = {"ERM": recs, "DRO": [dict(r, loss=r.get("loss", 0) * 2) if "loss" in r else r for r in recs]}
+    assert P.curve_keys(curves) == ["loss", "grad_norm", "val_dice"]
+    assert P.training_curves(curves, tmp_path / "c.png").stat().st_size > 1000
+    assert P.sampling_shares(curves, tmp_path / "s.png") is None  # nothing of the kind was logged

@@ -70,7 +70,8 @@ def metric_distribution(
     """Box plot with jittered points of ``<metric_prefix>_<structure>`` per structure, one box
     per method side by side, for the rows of ``stratum`` (None or ``"all"``: every row).
     NaN and infinite values are left out (the box shows the finite values only)."""
-    fig = Figure(figsize=(max(4.0, 1.0 + 1.4 * len(structures) * max(1, len(methods)) / 2), 3.6))
+    # at least 1.1 inch per structure: one method's narrow figure overlapped the structure names
+    fig = Figure(figsize=(max(4.0, 1.0 + 1.1 * len(structures), 1.0 + 0.7 * len(structures) * len(methods)), 3.6))
     ax = fig.add_subplot()
     rng = np.random.default_rng(0)  # fixed jitter: the same rows give the same picture
     width = 0.8 / max(1, len(methods))
@@ -90,16 +91,36 @@ def metric_distribution(
                 ax.scatter(x + rng.uniform(-width * 0.3, width * 0.3, v.size), v, s=9,
                            color=color, alpha=0.8, linewidths=0)
         ax.plot([], [], color=color, lw=6, alpha=0.5, label=method)  # legend handle
-    ax.set_xticks(range(len(structures)), list(structures))
+    ax.set_xticks(range(len(structures)), list(structures), rotation=20, ha="right")
     ax.set_xlim(-0.6, len(structures) - 0.4)
     ax.set_ylabel(metric_prefix)
     if metric_prefix in ("dice", "iou"):
         ax.set_ylim(-0.02, 1.02)
     ax.grid(axis="y", alpha=0.3)
     ax.set_title(title or f"{metric_prefix} - {stratum or 'all'}")
-    if methods:
-        ax.legend(loc="lower left", fontsize="small")
+    if methods:  # outside the axes: inside, it hid the boxes of low-scoring structures
+        ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize="small", frameon=False)
     return save_figure(fig, path)
+
+
+def _flat(curves: Mapping[str, Sequence[Mapping[str, Any]]], key: str) -> bool:
+    """A value that never changes in any method (e.g. skipped_steps 0): a panel that says nothing."""
+    vals = [float(r[key]) for recs in curves.values() for r in recs
+            if isinstance(r.get(key), (int, float, np.number)) and math.isfinite(float(r[key]))]
+    return len(vals) == 0 or max(vals) - min(vals) <= 1e-12
+
+
+def curve_keys(curves: Mapping[str, Sequence[Mapping[str, Any]]]) -> list[str]:
+    """The panels `training_curves` draws by default: every numeric key but ``step`` and ``epoch`` (the x
+    axis already) whose value changes somewhere, ``loss`` first."""
+    found: list[str] = []
+    for records in curves.values():
+        for rec in records:
+            for k, v in rec.items():
+                if k not in ("step", "epoch") and k not in found and isinstance(v, (int, float, np.number)):
+                    found.append(k)
+    keys = sorted(found, key=lambda k: (k != "loss", found.index(k)))
+    return [k for k in keys if k == "loss" or not _flat(curves, k)]
 
 
 def training_curves(
@@ -109,17 +130,9 @@ def training_curves(
     keys: Sequence[str] | None = None,
     logy: bool = False,
 ) -> Path:
-    """One panel per logged value (default: every numeric key but ``step``, ``loss`` first),
+    """One panel per logged value (default: every numeric key but ``step`` that changes, ``loss`` first),
     value vs ``step``, one line per method. Records without a ``step`` use their index."""
-    if keys is None:
-        found: list[str] = []
-        for records in curves.values():
-            for rec in records:
-                for k, v in rec.items():
-                    if k != "step" and k not in found and isinstance(v, (int, float, np.number)):
-                        found.append(k)
-        keys = sorted(found, key=lambda k: (k != "loss", found.index(k)))
-    keys = list(keys) or ["loss"]
+    keys = list(curve_keys(curves) if keys is None else keys) or ["loss"]
     fig = Figure(figsize=(5.0 * min(len(keys), 3), 3.4 * math.ceil(len(keys) / 3)))
     for n, key in enumerate(keys):
         ax = fig.add_subplot(math.ceil(len(keys) / 3), min(len(keys), 3), n + 1)

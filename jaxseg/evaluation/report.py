@@ -466,8 +466,9 @@ def write_report(
     # -- training curves
     if training_curves:
         blocks.append(("h2", "Training curves"))
-        p = P.training_curves({m: [r for r in recs if "loss" in r] for m, recs in training_curves.items()},
-                              plot_dir / "training_curves.png")
+        # training loss and validation Dice rows; the DRO diagnostics have their own panel below
+        p = P.training_curves({m: [r for r in recs if "loss" in r or "val_dice" in r]
+                               for m, recs in training_curves.items()}, plot_dir / "training_curves.png")
         plots.append(p)
         blocks.append(("img", p, "Training curves per method"))
         p = P.sampling_shares(training_curves, plot_dir / "sampling_shares.png")
