@@ -141,7 +141,9 @@ def training_curves(
                    if rec.get(key) is not None]
             if pts:
                 x, y = zip(*pts)
-                ax.plot(x, y, color=COLORS[j % len(COLORS)], lw=1.2, label=method)
+                # markers for sparse values (a validation every few epochs): a lone point has no line
+                ax.plot(x, y, color=COLORS[j % len(COLORS)], lw=1.2, label=method,
+                        marker="o" if len(x) < 10 else None, ms=4)
         ax.set_xlabel("step")
         ax.set_ylabel(key)
         if logy:
