@@ -46,8 +46,9 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 import train_step_vs_torch as ts  # noqa: E402
 
-ONEDNN = ("--xla_cpu_use_onednn=true", "--xla_cpu_experimental_onednn_custom_call=true")  # = jaxseg.runtime's
-DEFAULT_VARIANTS = ";" + " ".join(ONEDNN)
+from jaxseg.runtime import ONEDNN_FLAGS  # noqa: E402
+
+DEFAULT_VARIANTS = ";" + " ".join(ONEDNN_FLAGS)
 
 
 def _timed(fn, repeats: int, sync) -> dict:
@@ -213,7 +214,7 @@ def main() -> None:
     ap.add_argument("--torch-layouts", default="NCDHW,NDHWC")
     ap.add_argument("--unet-size", type=int, default=64, help="per-layer part: the U-Net's patch edge (0: skip)")
     ap.add_argument("--features-base", type=int, default=32)
-    ap.add_argument("--layer-xla-variants", default=" ".join(ONEDNN),
+    ap.add_argument("--layer-xla-variants", default=" ".join(ONEDNN_FLAGS),
                     help="';'-separated XLA_FLAGS for the per-layer jax runs (default: jaxseg's oneDNN pair)")
     ap.add_argument("--layer-torch-layouts", default="NCDHW")
     ap.add_argument("--torch-threads", type=int, default=0)
@@ -235,9 +236,7 @@ def main() -> None:
     ref = reference_layer(args)
     layers = unet_layers(args.unet_size, args.batch, args.features_base) if args.unet_size else []
     # without the oneDNN flags that `import jaxseg` added to this process: each variant sets its own
-    from jaxseg import runtime
-
-    base_flags = " ".join(f for f in os.environ.get("XLA_FLAGS", "").split() if f not in runtime.ONEDNN_FLAGS)
+    base_flags = " ".join(f for f in os.environ.get("XLA_FLAGS", "").split() if f not in ONEDNN_FLAGS)
     payload = {"benchmark": "conv_cpu", "environment": environment(),
                "settings": {"reference_layer": ref, "repeats": args.repeats, "strided": impls,
                             "unet_size": args.unet_size, "features_base": args.features_base,

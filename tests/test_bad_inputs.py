@@ -214,23 +214,18 @@ def test_duplicate_case_id_in_manifest_names_csv_id_and_rows(tmp_path, capsys):
 # --------------------------------------------------------------------------- train on a bad store
 
 
-@pytest.fixture(scope="module")
-def small_store(tmp_path_factory):
-    from jaxseg.data.prepare import prepare
-    from jaxseg.data.synth import write_cohort
-
-    root = tmp_path_factory.mktemp("small")
-    write_cohort(root / "raw", 4, seed=3, spacing=6.0, n_test=0, workers=1, progress=False, preview=False)
-    prepare(root / "raw", root / "store", num_workers=1, progress=False)
-    return root / "store"
-
-
-def test_train_on_unfinished_store_is_refused_with_the_command(small_store, tmp_path, capsys):
-    store = tmp_path / "store"
-    shutil.copytree(small_store, store)
-    meta = json.loads((store / "dataset.json").read_text())
+def unfinished_copy(store, tmp_path):
+    """A copy of `store` whose dataset.json says prepare did not finish."""
+    copy = tmp_path / "store"
+    shutil.copytree(store, copy)
+    meta = json.loads((copy / "dataset.json").read_text())
     meta["status"] = "in progress"
-    (store / "dataset.json").write_text(json.dumps(meta))
+    (copy / "dataset.json").write_text(json.dumps(meta))
+    return copy, meta
+
+
+def test_train_on_unfinished_store_is_refused_with_the_command(tiny_store, tmp_path, capsys):
+    store, meta = unfinished_copy(tiny_store, tmp_path)
     rc, _, err = _run(capsys, "train", "--workdir", tmp_path / "run", f"data.store={store}", *TRAIN)
     assert rc == 1
     _one_line_error(err, store / "dataset.json", "'in progress'",
@@ -238,12 +233,8 @@ def test_train_on_unfinished_store_is_refused_with_the_command(small_store, tmp_
     assert not (tmp_path / "run").exists()
 
 
-def test_dlb_train_on_unfinished_store_is_refused(small_store, tmp_path, capsys):
-    store = tmp_path / "store"
-    shutil.copytree(small_store, store)
-    meta = json.loads((store / "dataset.json").read_text())
-    meta["status"] = "in progress"
-    (store / "dataset.json").write_text(json.dumps(meta))
+def test_dlb_train_on_unfinished_store_is_refused(tiny_store, tmp_path, capsys):
+    store, meta = unfinished_copy(tiny_store, tmp_path)
     rc, _, err = _run(capsys, "dlb-train", "--workdir", tmp_path / "run", f"data.store={store}",
                       "data.num_channels=1", "data.num_classes=8")
     assert rc == 1
@@ -255,9 +246,9 @@ def test_dlb_train_on_unfinished_store_is_refused(small_store, tmp_path, capsys)
     ("data.num_classes=7", ["data.num_classes=7", "has 8 classes", "set data.num_classes=8"]),
     ("data.num_channels=3", ["data.num_channels=3", "has 1 channel(s)", "set data.num_channels=1"]),
 ])
-def test_train_with_classes_or_channels_unlike_the_store_is_refused(small_store, tmp_path, capsys, override,
+def test_train_with_classes_or_channels_unlike_the_store_is_refused(tiny_store, tmp_path, capsys, override,
                                                                     needles):
-    rc, _, err = _run(capsys, "train", "--workdir", tmp_path / "run", f"data.store={small_store}", *TRAIN, override)
+    rc, _, err = _run(capsys, "train", "--workdir", tmp_path / "run", f"data.store={tiny_store}", *TRAIN, override)
     assert rc == 1
-    _one_line_error(err, small_store, *needles)
+    _one_line_error(err, tiny_store, *needles)
     assert not (tmp_path / "run").exists()
