@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import datetime
-import json
 import os
 import platform
 import subprocess
@@ -87,8 +86,7 @@ def timeit(fn, *args, repeats: int = 3) -> dict:
 
 
 def write_json(path: str | Path, payload: dict) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=2) + "\n")
-    os.replace(tmp, path)
+    # jaxseg's one atomic writer (the results are written by processes that have jaxseg)
+    from jaxseg.fileio import write_json_atomic
+
+    write_json_atomic(path, payload, indent=2)

@@ -54,6 +54,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = ap.parse_args(argv)
 
     from jaxseg.data import synth
+    from jaxseg.fileio import write_json_atomic
 
     t0 = time.perf_counter()
     template = synth.load_template(1 if args.spacing < 3 else 2)
@@ -103,10 +104,7 @@ def main(argv: list[str] | None = None) -> dict:
         "command": " ".join(shlex.quote(a) for a in [sys.executable, *sys.argv]),
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp_json = args.out.with_name(f".{args.out.name}.{os.getpid()}.tmp")
-    tmp_json.write_text(json.dumps(result, indent=2) + "\n")
-    os.replace(tmp_json, args.out)
+    write_json_atomic(args.out, result, indent=2)
     print(json.dumps({k: result[k] for k in ("wall_s", "per_subject_s", "template_load_s",
                                               "dataset_mb")}), file=sys.stderr)
     print(f"wrote {args.out}", file=sys.stderr)

@@ -19,6 +19,7 @@ from jaxseg.data.synth import write_cohort
 from jaxseg.evaluation.evaluate import evaluate_folder, write_case_csv
 from jaxseg.evaluation.plots import worst_case_overlays
 from jaxseg.evaluation.report import write_report
+from jaxseg.fileio import write_json_atomic
 from jaxseg.inference.runs import predict_with_runs
 from jaxseg.train.loop import train_and_evaluate
 
@@ -101,5 +102,5 @@ def run_demo(cfg: Config, workdir: str | Path, *, progress: bool = True) -> dict
         "", f"Config: `{workdir / 'config.yaml'}`; per-case metrics: `{workdir / 'metrics.csv'}`."])
     out = write_report(workdir, rows, methods=[m for m, _ in METHODS], training_curves=curves, overlays=overlays,
                        title="jaxseg demo: ERM vs DRO on the synthetic cohort", extra_sections={"Run": run_md})
-    (workdir / "timings.json").write_text(json.dumps(timings, indent=2) + "\n")
+    write_json_atomic(workdir / "timings.json", timings, indent=2)
     return {"timings": timings, **out}

@@ -1,12 +1,14 @@
-"""Atomic file writes: nothing half-written is ever left under the final name."""
+"""Atomic file writes, the one implementation every writer uses: nothing half-written is ever left under
+the final name."""
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 
 class OutputError(RuntimeError):
@@ -55,15 +57,22 @@ def _umask() -> int:
 
 
 @contextlib.contextmanager
-def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
+def atomic_path(path: str | os.PathLike, suffix: str = "", same_name: bool = False) -> Iterator[Path]:
     """Yield a temporary path in `path`'s folder; on success it replaces `path`, on any error it is removed.
 
     `suffix` keeps writers that infer the format from the name happy (".nii.gz", ".png").
+    `same_name`: the temporary file has `path`'s own name, inside a temporary folder next to it (gzip
+    records the file name in its header, so a .nii.gz is then byte-identical whoever writes it).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", suffix=suffix, dir=str(path.parent))
-    os.close(fd)
+    folder = None
+    if same_name:
+        folder = tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=str(path.parent))
+        tmp = os.path.join(folder, path.name)
+    else:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", suffix=suffix, dir=str(path.parent))
+        os.close(fd)
     try:
         yield Path(tmp)
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600 files; give the usual permissions
@@ -72,6 +81,10 @@ def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+    finally:
+        if folder is not None:
+            with contextlib.suppress(OSError):
+                os.rmdir(folder)
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
@@ -81,3 +94,27 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
             f.flush()
             os.fsync(f.fileno())
     return Path(path)
+
+
+def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> Path:
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    return Path(path)
+
+
+def json_default(obj: Any):
+    """numpy arrays and scalars, paths, sets and tuples as their JSON equivalents."""
+    if hasattr(obj, "tolist"):  # numpy arrays and scalars
+        return obj.tolist()
+    if isinstance(obj, os.PathLike):
+        return os.fspath(obj)
+    if isinstance(obj, (set, frozenset, tuple)):
+        return list(obj)
+    raise TypeError(f"not JSON-serialisable: {type(obj).__name__}")
+
+
+def write_json_atomic(path: str | os.PathLike, obj: Any, indent: int = 1) -> Path:
+    """`obj` as JSON (numpy values converted), ending in a newline, written atomically."""
+    return write_text_atomic(path, json.dumps(obj, indent=indent, default=json_default) + "\n")

@@ -177,6 +177,9 @@ def cmd_dlb_train(args) -> None:
 def cmd_dlb_predict(args) -> None:
     from jaxseg.tiles.train import predict_dlb
 
+    saved = Path(args.workdir) / "config.yaml"  # what dlb-train ran with, unless --config says otherwise
+    if args.config is None and saved.is_file():
+        args.config = str(saved)
     preds = predict_dlb(_config(args), args.workdir, args.output, args.case or None)
     print(f"wrote {len(preds)} predictions to {args.output}")
 
@@ -262,7 +265,7 @@ def parser() -> argparse.ArgumentParser:
              "(config section `dlb`) from a store prepared with --no-crop")
     sp.add_argument("--workdir", required=True)
     sp = add("dlb-predict", cmd_dlb_predict, "DeepLesionBrain: segment store cases (default: the test split) "
-             "into NIfTI files in each input's geometry")
+             "into NIfTI files in each input's geometry; the config defaults to the run's config.yaml")
     sp.add_argument("--workdir", required=True, help="the dlb-train run")
     sp.add_argument("--output", required=True)
     sp.add_argument("--case", action="append", help="case id; repeatable (default: the test split)")
@@ -337,9 +340,9 @@ def main(argv=None) -> int:
     from jaxseg.config import ConfigError
     from jaxseg.data.io import DataError
     from jaxseg.fileio import OutputError
-    from jaxseg.inference.runs import RunError
     from jaxseg.interop.torch_run import ImportRunError
     from jaxseg.locks import LockError
+    from jaxseg.rundir import RunError
     from jaxseg.train.checkpoint import IncompatibleResume
     from jaxseg.train.loop import TrainingError
 

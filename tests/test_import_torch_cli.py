@@ -91,7 +91,7 @@ def test_dynunet_import_then_predict_matches_torch(work, capsys):
     assert main(["import-torch", str(root / "dynunet.pt"), "--kind", "dynunet", "--arch", str(root / "arch.json"),
                  "--out", str(run), "--patch-size", "16,16,16"]) == 0
     assert "imported dynunet" in capsys.readouterr().out
-    assert sorted(p.name for p in run.iterdir()) == ["best", "config.yaml", "import.json", "run.json", "store"]
+    assert sorted(p.name for p in run.iterdir()) == ["best", "config.yaml", "import.json", "preprocessing.json", "run.json"]
     assert not list(root.glob(".dyn_run.import-*"))
 
     rec = json.loads((run / "import.json").read_text())

@@ -421,6 +421,7 @@ def test_predict_case_with_real_tiny_unet(tmp_path):
 
 
 def test_predict_stored_case_and_inference_kwargs(tmp_path):
+    from jaxseg import rundir
     from jaxseg.config import load_config
     from jaxseg.data import store
     from jaxseg.data.datasets import CaseRecord
@@ -439,7 +440,7 @@ def test_predict_stored_case_and_inference_kwargs(tmp_path):
     np.testing.assert_array_equal(nib.load(str(pred.path)).affine, nib.load(str(paths[0])).affine)
 
     cfg = load_config(None, ["data.patch_size=[16,16,16]", "data.num_classes=5", "eval.mirror_tta=true"])
-    kw = inference_kwargs(cfg, store_root=tmp_path / "store")
+    kw = inference_kwargs(cfg, preprocessing=rundir.preprocessing_from_store(tmp_path / "store"))
     assert kw["patch_size"] == (16, 16, 16) and kw["num_classes"] == 5 and kw["mirror_axes"] == (0, 1, 2)
     assert kw["target_spacing"] == (1.0, 1.0, 1.5) and kw["channel_names"] == ["T2w"]
     assert kw["step"] == 0.5 and kw["sigma_scale"] == 0.125 and kw["window_batch"] == 4

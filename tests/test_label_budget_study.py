@@ -12,7 +12,7 @@ from jaxseg.config import ConfigError, load_config
 from jaxseg.losses import deep_supervision_loss, dice_ce
 from jaxseg.studies.label_budget import (COLUMNS, SETTINGS, case_dice, labelled_counts, n_full_subjects,
                                          setting_config, table_markdown, write_table)
-from jaxseg.train.loop import kfold_split, limit_cases
+from jaxseg.data.splits import kfold_split, limit_cases
 
 IDS = [f"case_{i:03d}" for i in range(30)]
 

@@ -11,11 +11,13 @@ import pytest
 
 from _tiny import tiny_cfg
 from jaxseg.config import ConfigError, load_config
+from jaxseg.data.io import DataError
 from jaxseg.data.pipeline import CaseSource
+from jaxseg.data.splits import select_cases
 from jaxseg.models import UNet3D, build_model, explicit_topology
 from jaxseg.studies import age_unet, transfer
 from jaxseg.train.checkpoint import load_params
-from jaxseg.train.loop import TrainingError, select_cases, train_and_evaluate
+from jaxseg.train.loop import TrainingError, train_and_evaluate
 
 # --------------------------------------------------------------------------------- case selection
 
@@ -26,7 +28,7 @@ def test_explicit_case_lists_replace_the_fold_split():
     assert select_cases(ids, cfg, "STORE") == (["c1", "c4"], ["c2"])
     cfg = load_config(None, ["data.train_cases=[c1]"])
     assert select_cases(ids, cfg, "STORE") == (["c1"], [])
-    with pytest.raises(TrainingError, match=r"STORE: data.val_cases names 1 case\(s\).*'zz'"):
+    with pytest.raises(DataError, match=r"STORE: data.val_cases names 1 case\(s\).*'zz'"):
         select_cases(ids, load_config(None, ["data.train_cases=[c1]", "data.val_cases=[zz]"]), "STORE")
 
 

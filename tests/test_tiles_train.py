@@ -84,7 +84,7 @@ def test_uncropped_store_keeps_the_grid_and_cropped_store_is_refused(cohort):
         load_cases(cohort / "store_cropped", split["train"])
 
 
-def test_train_then_predict_writes_nifti_in_input_geometry(cohort, tmp_path):
+def test_train_then_predict_writes_nifti_in_input_geometry(cohort, tmp_path, monkeypatch):
     cfg = tiny_cfg(cohort)
     summary = train_dlb(cfg, tmp_path / "run", log=lambda *_: None)
     assert summary["generic"]["epochs"] == 2 and summary["ensemble"]["epochs"] == 1
@@ -104,6 +104,15 @@ def test_train_then_predict_writes_nifti_in_input_geometry(cohort, tmp_path):
     generic = predict_dlb(tiny_cfg(cohort, "dlb.method=generic"), tmp_path / "run", tmp_path / "pred_g",
                           log=lambda *_: None)
     assert len(generic) == len(test)
+    # dlb-predict without --config reads the run's own config.yaml (written by dlb-train), from any folder
+    from jaxseg.launch import main
+
+    assert {"config.yaml", "run.json", "preprocessing.json"} <= {p.name for p in (tmp_path / "run").iterdir()}
+    monkeypatch.chdir(tmp_path / "pred")
+    assert main(["dlb-predict", "--workdir", str(tmp_path / "run"), "--output", str(tmp_path / "pred_cli")]) == 0
+    for p in preds:
+        np.testing.assert_array_equal(np.asarray(nib.load(p["path"]).dataobj),
+                                      np.asarray(nib.load(tmp_path / "pred_cli" / f"{p['case']}.nii.gz").dataobj))
 
 
 def test_predict_without_training_names_the_missing_run(cohort, tmp_path):

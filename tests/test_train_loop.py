@@ -6,7 +6,8 @@ import pytest
 
 from _tiny import tiny_cfg
 from jaxseg.train.checkpoint import IncompatibleResume
-from jaxseg.train.loop import kfold_split, train_and_evaluate
+from jaxseg.data.splits import kfold_split
+from jaxseg.train.loop import train_and_evaluate
 
 
 def test_kfold_split_matches_sklearn_kfold():

@@ -85,7 +85,6 @@ case_id=cid)``; the full mask of a case is cached (LRU) and cropped at the patch
 from __future__ import annotations
 
 import collections
-import json
 import math
 import operator
 import threading
@@ -154,11 +153,7 @@ class CaseSource:
         splits = None if split is None else ({split} if isinstance(split, str) else set(split))
         keep, metas = [], []
         for cid in ids:
-            path = self.root / cid / "meta.json"
-            if not path.is_file():
-                raise FileNotFoundError(f"{path}: case {cid!r} is not a complete case of the store {self.root}")
-            with open(path) as f:
-                meta = json.load(f)
+            meta = store.read_case_meta(self.root, cid)
             if splits is not None and meta.get("split") not in splits:
                 continue
             if require_label and not meta.get("has_label", False):

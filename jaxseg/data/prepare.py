@@ -45,6 +45,8 @@ from .io import (SPACING_MAX_MM, SPACING_MIN_MM, DataError, canonical_spacing, c
 __all__ = [
     "prepare",
     "prepare_case",
+    "preprocess_case",
+    "resample_image",
     "restore_geometry",
     "check_affines",
     "median_spacing",
@@ -135,7 +137,9 @@ def _resample_nearest(arr: np.ndarray, new_shape: Sequence[int]) -> np.ndarray:
     return arr[ix[0][:, None, None], ix[1][None, :, None], ix[2][None, None, :]]
 
 
-def _resample_image(img: np.ndarray, new_shape: Sequence[int], order: int = 3) -> np.ndarray:
+def resample_image(img: np.ndarray, new_shape: Sequence[int], order: int = 3) -> np.ndarray:
+    """(X, Y, Z, C) -> (*new_shape, C) float32 by spline interpolation of `order`, pixel-edge aligned
+    (prepare's images: 3; predict's logits back to the cropped grid: 1)."""
     out = np.empty((*new_shape, img.shape[-1]), dtype=np.float32)
     factors = [m / n for n, m in zip(img.shape[:3], new_shape)]
     for c in range(img.shape[-1]):
@@ -225,11 +229,15 @@ def _stale_reason(root: Path, rec: CaseRecord) -> str | None:
 # --------------------------------------------------------------------------- one case
 
 
-def prepare_case(rec: CaseRecord, store_root: str | Path, *, labels: dict[str, int] | None,
-                 channel_names: Sequence[str], target_spacing: Sequence[float] | None,
-                 source: str = "", crop: bool = True) -> dict:
-    """Check, preprocess and write one case; returns a short summary. Raises DataError."""
-    t0 = time.perf_counter()
+def preprocess_case(rec: CaseRecord, *, labels: dict[str, int] | None, channel_names: Sequence[str],
+                    target_spacing: Sequence[float] | None, source: str = "", crop: bool = True
+                    ) -> tuple[np.ndarray, np.ndarray | None, dict]:
+    """Load, check and preprocess one case (steps 1-6 of the module docstring), writing nothing.
+
+    Returns the image (X, Y, Z, C) float32 on the stored grid, the label (uint8) or None, and the meta
+    dict that maps arrays on that grid back to the input (``shape`` included; see
+    :func:`restore_geometry`). ``prepare`` stores these; ``predict`` feeds them to the network.
+    Raises DataError naming the file."""
     label_values = None if labels is None else set(labels.values())
     if rec.problem:
         raise DataError(rec.problem)
@@ -283,7 +291,7 @@ def prepare_case(rec: CaseRecord, store_root: str | Path, *, labels: dict[str, i
                             f"{tuple(float(t) for t in ts_)} mm would give {new_shape} voxels "
                             f"(more than {MAX_RESAMPLED_VOXELS}); check the header's voxel size")
         if new_shape != cropped_shape:
-            img_c = _resample_image(img_c, new_shape)
+            img_c = resample_image(img_c, new_shape)
             if lab_c is not None:
                 lab_c = np.ascontiguousarray(_resample_nearest(lab_c, new_shape))
             aff_store = _resampled_affine(aff_crop, cropped_shape, new_shape)
@@ -318,9 +326,21 @@ def prepare_case(rec: CaseRecord, store_root: str | Path, *, labels: dict[str, i
         "site": rec.site,
         "split": rec.split,
         "preprocessing_version": PREPROCESSING_VERSION,
+        "shape": [int(s) for s in img_c.shape[:3]],
     }
-    store.write_case(Path(store_root), rec.case_id, img_c, lab_c, meta)
-    return {"case_id": rec.case_id, "shape": list(img_c.shape[:3]), "seconds": time.perf_counter() - t0}
+    return img_c, lab_c, meta
+
+
+def prepare_case(rec: CaseRecord, store_root: str | Path, *, labels: dict[str, int] | None,
+                 channel_names: Sequence[str], target_spacing: Sequence[float] | None,
+                 source: str = "", crop: bool = True) -> dict:
+    """Check, preprocess and write one case (:func:`preprocess_case`, then the store); returns a short
+    summary. Raises DataError."""
+    t0 = time.perf_counter()
+    image, label, meta = preprocess_case(rec, labels=labels, channel_names=channel_names,
+                                         target_spacing=target_spacing, source=source, crop=crop)
+    store.write_case(Path(store_root), rec.case_id, image, label, meta)
+    return {"case_id": rec.case_id, "shape": list(image.shape[:3]), "seconds": time.perf_counter() - t0}
 
 
 def _prepare_case_job(rec: CaseRecord, store_root: str, labels, channel_names, target_spacing, source,
@@ -445,8 +465,8 @@ def prepare(
 
     root.mkdir(parents=True, exist_ok=True)
     store.remove_stale_temp(root)
-    ds_json = root / "dataset.json"
-    if ds_json.exists():
+    ds_json = root / "dataset.json"  # for messages
+    if store.has_dataset_meta(root):
         old = store.read_dataset_meta(root)
         if not _same_settings(old.get("preprocessing", {}), settings):
             raise DataError(
@@ -523,7 +543,7 @@ def prepare(
 
     rejected.sort(key=lambda r: r["case_id"])
     if skip_bad:
-        store._write_json_atomic(root / "rejected.json", {"source": str(ds.root), "rejected": rejected})
+        store.write_rejected(root, {"source": str(ds.root), "rejected": rejected})
     store.write_dataset_meta(root, _dataset_meta(ds, settings, root, "complete"))
     return {
         "store_root": str(root),

@@ -24,6 +24,7 @@ A case is written under ``root/.tmp-<case_id>-<pid>/`` and moved to ``root/<case
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -35,6 +36,8 @@ from typing import Any, Sequence
 import numpy as np
 import tensorstore as ts
 
+from jaxseg.fileio import json_default, write_json_atomic
+
 __all__ = [
     "StoredCase",
     "write_case",
@@ -42,8 +45,12 @@ __all__ = [
     "open_case",
     "read_patch",
     "write_dataset_meta",
+    "has_dataset_meta",
     "read_dataset_meta",
     "read_case_meta",
+    "write_rejected",
+    "content_fingerprint",
+    "median_spacing",
     "check_for_training",
     "remove_stale_temp",
     "FG_MAX_SAMPLES",
@@ -71,32 +78,6 @@ def _check_case_id(case_id: str) -> None:
     if (not isinstance(case_id, str) or not case_id or case_id.startswith(".")
             or "/" in case_id or "\\" in case_id or case_id in ("dataset.json", "rejected.json")):
         raise ValueError(f"invalid case id {case_id!r} (non-empty, no '/', not starting with '.')")
-
-
-def _json_default(obj: Any):
-    if isinstance(obj, np.ndarray):
-        return obj.tolist()
-    if isinstance(obj, np.generic):
-        return obj.item()
-    if isinstance(obj, Path):
-        return str(obj)
-    if isinstance(obj, (set, frozenset, tuple)):
-        return list(obj)
-    raise TypeError(f"not JSON-serialisable: {type(obj).__name__}")
-
-
-def _write_json_atomic(path: Path, obj: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{threading.get_ident()}")
-    try:
-        with open(tmp, "w") as f:
-            json.dump(obj, f, indent=1, default=_json_default)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def _zarr_spec(path: Path, shape: Sequence[int], dtype: str, chunks: Sequence[int]) -> dict:
@@ -195,7 +176,7 @@ def write_case(root: Path, case_id: str, image: np.ndarray, label: np.ndarray | 
                 chunks=[CHUNK, CHUNK, CHUNK],
             )
             with open(tmp / "meta.json", "w") as f:
-                json.dump(full_meta, f, indent=1, default=_json_default)
+                json.dump(full_meta, f, indent=1, default=json_default)
                 f.write("\n")
             old = None
             if final.exists():
@@ -271,6 +252,14 @@ class StoredCase:
     fg: dict[int, np.ndarray] = field(default_factory=dict)
     path: Path | None = None
 
+    def read_image(self) -> np.ndarray:
+        """The whole image (X, Y, Z, C) float32."""
+        return np.asarray(self.image.read().result())
+
+    def read_label(self) -> np.ndarray | None:
+        """The whole label map (X, Y, Z) uint8, or None for an unlabelled case."""
+        return None if self.label is None else np.asarray(self.label.read().result())
+
 
 def _open_zarr(path: Path, context: Any = None):
     spec = {"driver": "zarr", "kvstore": {"driver": "file", "path": str(path)}}
@@ -327,11 +316,15 @@ def read_patch(case: StoredCase, start: Sequence[int], size: Sequence[int]
     return img, lab
 
 
+def has_dataset_meta(root: Path) -> bool:
+    return (Path(root) / "dataset.json").is_file()
+
+
 def write_dataset_meta(root: Path, meta: dict) -> None:
     """Write ``root/dataset.json`` atomically (labels, channel_names, spacing, n_cases, source...)."""
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
-    _write_json_atomic(root / "dataset.json", meta)
+    write_json_atomic(root / "dataset.json", meta)
 
 
 def read_dataset_meta(root: Path) -> dict:
@@ -341,10 +334,39 @@ def read_dataset_meta(root: Path) -> dict:
         return json.load(f)
 
 
+def write_rejected(root: Path, meta: dict) -> None:
+    """Write ``root/rejected.json`` atomically (prepare's rejected cases and reasons)."""
+    write_json_atomic(Path(root) / "rejected.json", meta)
+
+
+def content_fingerprint(root: Path) -> str:
+    """sha256 of what training reads from the store: the preprocessing settings and labels in
+    dataset.json, and every complete case's id and meta.json (which names its source files' sizes and
+    mtimes). The store's own path is not in it: a moved store keeps its fingerprint."""
+    root = Path(root)
+    meta = read_dataset_meta(root)
+    h = hashlib.sha256(json.dumps({k: meta.get(k) for k in ("preprocessing", "labels", "channel_names")},
+                                  sort_keys=True).encode())
+    for cid in list_cases(root):
+        h.update(cid.encode() + b"\0" + (root / cid / "meta.json").read_bytes())
+    return h.hexdigest()
+
+
+def median_spacing(root: Path) -> list[float] | None:
+    """Median voxel spacing (mm, RAS axis order) of the stored cases, after any resampling; None when the
+    store has no case."""
+    sp = [read_case_meta(root, c).get("spacing") for c in list_cases(root)]
+    sp = [s for s in sp if s is not None]
+    return None if not sp else [float(v) for v in np.median(np.asarray(sp, dtype=np.float64), axis=0)]
+
+
 def read_case_meta(root: Path, case_id: str) -> dict:
-    """Read ``root/<case_id>/meta.json``."""
+    """Read ``root/<case_id>/meta.json``; FileNotFoundError naming it when the case is not complete."""
     _check_case_id(case_id)
-    with open(Path(root) / case_id / "meta.json") as f:
+    path = Path(root) / case_id / "meta.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: case {case_id!r} is not a complete case of the store {root}")
+    with open(path) as f:
         return json.load(f)
 
 

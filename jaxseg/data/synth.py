@@ -72,7 +72,7 @@ from typing import Any
 import numpy as np
 from scipy import ndimage as ndi
 
-from jaxseg.fileio import atomic_path
+from jaxseg.fileio import atomic_path, write_bytes_atomic
 
 __all__ = [
     "LABELS",
@@ -314,11 +314,6 @@ class Template:
         return self._vent_field
 
 
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    with atomic_path(path) as tmp:
-        Path(tmp).write_bytes(data)
-
-
 def load_template(resolution: int = 1, *, cache: str | Path | None = None,
                   refresh: bool = False) -> Template:
     """The template label map at ``resolution`` mm (1 or 2), computed once and cached.
@@ -341,7 +336,7 @@ def load_template(resolution: int = 1, *, cache: str | Path | None = None,
     buf = io.BytesIO()
     np.savez_compressed(buf, labels=labels, affine=affine)
     try:
-        _atomic_write_bytes(path, buf.getvalue())
+        write_bytes_atomic(path, buf.getvalue())
     except OSError:  # a read-only cache is not fatal
         pass
     return Template(labels, affine)
@@ -772,7 +767,7 @@ def _largest_remainder(props: np.ndarray, n: int) -> np.ndarray:
 
 
 def _save_nifti(arr: np.ndarray, affine: np.ndarray, path: Path, tmp_dir: Path) -> None:
-    """Write ``arr`` to ``path`` atomically (through ``tmp_dir`` on the same file system)."""
+    """Write ``arr`` to ``path`` atomically (``tmp_dir`` is unused: kept for the callers)."""
     import nibabel as nib
 
     img = nib.Nifti1Image(arr, affine)
@@ -782,10 +777,8 @@ def _save_nifti(arr: np.ndarray, affine: np.ndarray, path: Path, tmp_dir: Path) 
     if arr.dtype == np.uint8:
         img.header.set_data_dtype(np.uint8)
     # same basename as the final file, so the gzip header (and the bytes) are the same
-    tmp = tmp_dir / f"{os.getpid()}_{path.parent.name}" / path.name
-    tmp.parent.mkdir(parents=True, exist_ok=True)
-    nib.save(img, tmp)
-    os.replace(tmp, path)
+    with atomic_path(path, same_name=True) as tmp:
+        nib.save(img, tmp)
 
 
 def _subject_job(args: dict) -> dict:
@@ -999,7 +992,7 @@ def write_cohort(out_dir: str | Path, n_subjects: int, *, seed: int = 0, spacing
     w = csv.DictWriter(buf, fieldnames=list(METADATA_COLUMNS), lineterminator="\n")
     w.writeheader()
     w.writerows(rows)
-    _atomic_write_bytes(out / "metadata.csv", buf.getvalue().encode())
+    write_bytes_atomic(out / "metadata.csv", buf.getvalue().encode())
 
     n_train = int((~is_test).sum())
     ds = {
@@ -1036,7 +1029,7 @@ def write_cohort(out_dir: str | Path, n_subjects: int, *, seed: int = 0, spacing
             import warnings
 
             warnings.warn(f"{out / 'preview.png'}: preview failed: {type(e).__name__}: {e}")
-    _atomic_write_bytes(out / "dataset.json", (json.dumps(ds, indent=2) + "\n").encode())
+    write_bytes_atomic(out / "dataset.json", (json.dumps(ds, indent=2) + "\n").encode())
     shutil.rmtree(tmp_dir, ignore_errors=True)
     return {"out_dir": out, "cases": rows, "dataset_json": out / "dataset.json",
             "preview": preview_path, "seconds": time.perf_counter() - t0}
@@ -1159,5 +1152,5 @@ def preview_png(out_dir: str | Path, path: str | Path | None = None, *, _rows=No
     fig.tight_layout(rect=(0, 0, 1, top))
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
-    _atomic_write_bytes(path, buf.getvalue())
+    write_bytes_atomic(path, buf.getvalue())
     return path

@@ -3,10 +3,8 @@
 Per case (:func:`predict_case`):
 
 1. preprocess the input channels exactly as training data were: :func:`jaxseg.data.prepare.
-   prepare_case` (load with checks, reorient to RAS, crop to the nonzero box, z-score over the
-   nonzero voxels, optional resampling to the training spacing) into a temporary case store,
-   read back with :func:`jaxseg.data.store.open_case` (``prepare_case`` fuses preprocessing with
-   the store write, so this round trip is the way to reuse it unchanged);
+   preprocess_case` (load with checks, reorient to RAS, crop to the nonzero box, z-score over the
+   nonzero voxels, optional resampling to the training spacing), arrays in memory;
 2. sliding-window logits (:func:`jaxseg.inference.sliding_window.sliding_window_logits`),
    averaged over the given apply_fns (fold ensemble) and mirror passes;
 3. when the case was resampled: the logits go back to the cropped grid by linear interpolation
@@ -36,7 +34,6 @@ import csv
 import io as _io
 import os
 import re
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Any, Callable, NamedTuple, Sequence
@@ -49,7 +46,7 @@ from jaxseg.fileio import atomic_path, write_text_atomic
 from jaxseg.data import store
 from jaxseg.data.datasets import CaseRecord, read_dataset
 from jaxseg.data.io import DataError, load_header, save_nifti
-from jaxseg.data.prepare import _resample_image, prepare_case, restore_geometry
+from jaxseg.data.prepare import preprocess_case, resample_image, restore_geometry
 from jaxseg.inference.sliding_window import average_apply_fns, sliding_window_logits
 
 __all__ = [
@@ -63,9 +60,6 @@ __all__ = [
     "predict_folder",
     "find_cases",
 ]
-
-_TMP_CASE_ID = "case"
-
 
 class Prediction(NamedTuple):
     """What a prediction wrote: the label map ``path``, the mean window ``age`` (AgeU-Net) or
@@ -126,12 +120,13 @@ def make_apply_fn(model, variables, *, head: int = 0) -> Callable:
     return apply_fn
 
 
-def inference_kwargs(cfg, model=None, store_root: str | os.PathLike | None = None) -> dict:
+def inference_kwargs(cfg, model=None, preprocessing: dict | None = None) -> dict:
     """Keyword arguments for :func:`predict_case` / :func:`predict_folder` from a config:
     patch size (the model topology's padded patch when ``model`` has one), number of classes and
     channels, step, Gaussian sigma, window batch, mirror axes (all three with
-    ``eval.mirror_tta``), and the target spacing the training store was prepared with
-    (``store_root``'s ``dataset.json``; None = not resampled)."""
+    ``eval.mirror_tta``), and from ``preprocessing`` (a run directory's preprocessing.json, see
+    :mod:`jaxseg.rundir`) the target spacing the training cases were resampled to (None = not
+    resampled) and the channel names."""
     patch = tuple(cfg.data.patch_size)
     topo = getattr(model, "topology", None)
     if topo is not None and getattr(topo, "patch_size", None) is not None:
@@ -140,12 +135,11 @@ def inference_kwargs(cfg, model=None, store_root: str | os.PathLike | None = Non
               step=float(cfg.eval.step_size), sigma_scale=float(cfg.eval.gaussian_sigma),
               window_batch=int(cfg.eval.window_batch), mirror_axes=(0, 1, 2) if cfg.eval.mirror_tta else (),
               target_spacing=None)
-    if store_root is not None:
-        meta = store.read_dataset_meta(Path(store_root))
-        ts_ = (meta.get("preprocessing") or {}).get("target_spacing", meta.get("spacing"))
+    if preprocessing is not None:
+        ts_ = preprocessing.get("target_spacing")
         kw["target_spacing"] = None if ts_ is None else tuple(float(v) for v in ts_)
-        if meta.get("channel_names"):
-            kw["channel_names"] = list(meta["channel_names"])
+        if preprocessing.get("channel_names"):
+            kw["channel_names"] = list(preprocessing["channel_names"])
     return kw
 
 
@@ -250,7 +244,7 @@ def predict_preprocessed(
 
     cropped = tuple(int(s) for s in meta.get("cropped_shape", stored_shape))
     if meta.get("resampled") and cropped != stored_shape and logits_resample_order > 0:
-        logits = _resample_image(logits, cropped, order=int(logits_resample_order))
+        logits = resample_image(logits, cropped, order=int(logits_resample_order))
         meta = dict(meta, shape=list(cropped), resampled=False)
 
     seg = np.argmax(logits, axis=-1)
@@ -291,18 +285,18 @@ def predict_case(
     channel_names: Sequence[str] | None = None,
     num_channels: int | None = None,
     case_id: str | None = None,
-    tmp_dir: str | os.PathLike | None = None,
     **kwargs,
 ) -> Prediction:
     """Predict one case from its NIfTI channel files (channel order) and write the label map to
     ``out_path`` (.nii / .nii.gz) on the input's voxel grid, with the input's affine.
 
-    Preprocessing is ``prepare_case``'s (``target_spacing``: the spacing the training store was
-    prepared with, RAS axis order, None = no resampling; see :func:`inference_kwargs`).
-    ``num_channels``: when given, the number of files must match. Other keyword arguments go to
-    :func:`predict_preprocessed` (``step``, ``sigma_scale``, ``window_batch``, ``mirror_axes``,
-    ``accumulate``, ``logits_resample_order``, ``class_values``, ``save_probabilities``,
-    ``progress``). Returns a :class:`Prediction` (``age``: mean window age, AgeU-Net)."""
+    Preprocessing is ``preprocess_case``'s, as ``prepare`` did for training (``target_spacing``: the
+    spacing the training cases were resampled to, RAS axis order, None = no resampling; see
+    :func:`inference_kwargs`). ``num_channels``: when given, the number of files must match. Other
+    keyword arguments go to :func:`predict_preprocessed` (``step``, ``sigma_scale``, ``window_batch``,
+    ``mirror_axes``, ``accumulate``, ``logits_resample_order``, ``class_values``,
+    ``save_probabilities``, ``progress``). Returns a :class:`Prediction` (``age``: mean window age,
+    AgeU-Net)."""
     if isinstance(image_paths, (str, os.PathLike)):
         image_paths = [image_paths]
     paths = [Path(p) for p in image_paths]
@@ -316,13 +310,8 @@ def predict_case(
         raise DataError(f"{paths[0]}: {len(paths)} channel file(s) but {len(names)} channel names {names}")
     cid = case_id or _case_id_from(paths[0])
     _nifti_stem(Path(out_path))  # check the output name before any work
-    with tempfile.TemporaryDirectory(prefix="jaxseg-predict-", dir=tmp_dir) as tmp:
-        rec = CaseRecord(_TMP_CASE_ID, [p.resolve() for p in paths])
-        prepare_case(rec, tmp, labels=None, channel_names=names, target_spacing=target_spacing,
-                     source="predict")
-        case = store.open_case(Path(tmp), _TMP_CASE_ID)
-        image = case.image.read().result()
-        meta = dict(case.meta, case_id=cid)
+    image, _, meta = preprocess_case(CaseRecord(cid, [p.resolve() for p in paths]), labels=None,
+                                     channel_names=names, target_spacing=target_spacing, source="predict")
     return predict_preprocessed(apply_fns, image, meta, out_path, patch_size=patch_size,
                                 num_classes=num_classes, **kwargs)
 
@@ -332,7 +321,7 @@ def predict_stored_case(apply_fns: Callable | Sequence[Callable], store_root: st
     """Predict a case of a prepared case store (e.g. a held-out split) and write it on the
     original image grid; ``kwargs`` as for :func:`predict_preprocessed`."""
     case = store.open_case(Path(store_root), case_id)
-    return predict_preprocessed(apply_fns, case.image.read().result(), case.meta, out_path, **kwargs)
+    return predict_preprocessed(apply_fns, case.read_image(), case.meta, out_path, **kwargs)
 
 
 # --------------------------------------------------------------------------- a folder of cases

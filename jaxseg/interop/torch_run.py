@@ -6,8 +6,9 @@
 
   config.yaml    a full jaxseg config whose `model` section rebuilds the imported topology with
                  `jaxseg.models.build_model`, and whose `data` section holds the channels, classes,
-                 patch size, target spacing and `data.store` = `<out>/store` (absolute path)
-  store/dataset.json  the preprocessing record predict reads (target spacing; no cases)
+                 patch size and target spacing
+  preprocessing.json  what predict does to an input before the network (jaxseg.rundir): prepare's
+                 steps, the target spacing, channel and class names
   best/0/        the parameters, in train's Orbax layout (items `state` = {"step", "params"} and
                  `meta` = train's meta record plus "imported"); `predict --checkpoint best` (the
                  default) loads them. There is no `ckpt/` (no training history; `--checkpoint last`
@@ -120,7 +121,7 @@ def _stage_features_params(features: Sequence[int]) -> tuple[int, int] | None:
     return None
 
 
-def config_for(model, *, num_channels: int, spacing, store: str, experiment: str):
+def config_for(model, *, num_channels: int, spacing, experiment: str):
     """(Config, adaptations): the jaxseg config whose build_model gives the imported UNet3D `model` (the
     same parameter tree), and the list of parameter adaptations `fit_params` makes (none: the config
     expresses conv_bias, decoder_block and decoder_kernels; kept in import.json for the record)."""
@@ -147,7 +148,7 @@ def config_for(model, *, num_channels: int, spacing, store: str, experiment: str
         num_ds_heads=model.num_ds_heads if model.deep_supervision else None,
         compute_dtype="float32", age_head=False,
         decoder_block=decoder_block, decoder_kernels=decoder_kernels, conv_bias=bool(model.conv_bias))
-    data_section = dict(store=store, num_channels=int(num_channels), num_classes=int(model.num_classes),
+    data_section = dict(num_channels=int(num_channels), num_classes=int(model.num_classes),
                         patch_size=list(topo.patch_size), spacing=None if spacing is None else list(spacing))
     cfg = from_dict(Config, {"experiment": experiment, "data": data_section, "model": model_section},
                     source="import-torch")
@@ -337,9 +338,8 @@ def import_torch_run(checkpoint: str | os.PathLike, kind: str, out: str | os.Pat
         state_dict["encoder.stages.0.0.convs.0.conv.weight"].shape[1])
 
     # the config that rebuilds it, and the parameters in that model's tree
-    final = out.absolute()
     try:
-        cfg, adaptations = config_for(model, num_channels=in_channels, spacing=spacing, store=str(final / "store"),
+        cfg, adaptations = config_for(model, num_channels=in_channels, spacing=spacing,
                                       experiment=f"import-{kind}-{checkpoint.stem}")
     except ImportRunError as e:
         raise ImportRunError(f"{arch_file}: {e}") from None
@@ -397,28 +397,20 @@ def _write_run(out: Path, cfg, params, record: dict, in_channels: int) -> None:
     import jax
     import orbax.checkpoint as ocp
 
-    from jaxseg.config import save_config
-    from jaxseg.data import store
+    from jaxseg import rundir
     from jaxseg.data.prepare import PREPROCESSING_VERSION
     from jaxseg.train import checkpoint as ckpt
-    from jaxseg.train.loop import run_record
 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.import-", dir=out.parent))
     try:
-        save_config(cfg, tmp / "config.yaml")
-        run = run_record(cfg)
-        run["imported_from"] = record["source"]
-        (tmp / "run.json").write_text(json.dumps(run, indent=2) + "\n")
-        names = [f"channel_{i}" for i in range(in_channels)]
         spacing = record["target_spacing"]
-        settings = {"version": PREPROCESSING_VERSION, "orientation": "RAS", "crop": "nonzero_bbox",
-                    "normalization": "zscore_nonzero", "target_spacing": spacing, "channel_names": names}
-        store.write_dataset_meta(tmp / "store", {
-            "name": cfg.experiment, "source": record["source"], "source_format": f"torch-{record['kind']}",
+        rundir.write_run(tmp, cfg, {
+            "version": PREPROCESSING_VERSION, "orientation": "RAS", "crop": "nonzero_bbox",
+            "normalization": "zscore_nonzero", "target_spacing": spacing,
+            "channel_names": [f"channel_{i}" for i in range(in_channels)],
             "labels": {"background": 0, **{f"class_{k}": k for k in range(1, record["num_classes"])}},
-            "channel_names": names, "spacing": spacing, "n_cases": 0, "preprocessing": settings,
-            "status": "complete"})
+            "median_spacing": spacing, "imported_from": record["source"]}, imported_from=record["source"])
         state = {"step": np.zeros((), np.int32), "params": jax.device_get(params)}
         mgr = ckpt.manager(tmp / "best", 1)
         mgr.save(0, args=ocp.args.Composite(

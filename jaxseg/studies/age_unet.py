@@ -159,8 +159,9 @@ def run_age_study(cfg: Config, workdir: str | os.PathLike, *, progress: bool = T
                   log: Callable[[str], None] = print) -> dict:
     from jaxseg.data.datasets import read_dataset
     from jaxseg.data.pipeline import CaseSource
+    from jaxseg.data.splits import select_cases
     from jaxseg.inference.runs import predict_with_runs
-    from jaxseg.train.loop import select_cases, train_and_evaluate
+    from jaxseg.train.loop import train_and_evaluate
 
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)

@@ -177,8 +177,9 @@ def run_label_budget(cfg: Config, workdir: str | os.PathLike, *, progress: bool 
                      log: Callable[[str], None] = print) -> dict:
     from jaxseg.data.datasets import read_dataset
     from jaxseg.data.pipeline import CaseSource
+    from jaxseg.data.splits import kfold_split, limit_cases
     from jaxseg.inference.runs import predict_with_runs
-    from jaxseg.train.loop import kfold_split, limit_cases, train_and_evaluate
+    from jaxseg.train.loop import train_and_evaluate
 
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)

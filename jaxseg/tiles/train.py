@@ -29,6 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from jaxseg import rundir
 from jaxseg.config import Config
 from jaxseg.data import store
 from jaxseg.data.augment import PRESETS
@@ -53,7 +54,7 @@ def split_cases(store_root, cfg: Config) -> dict[str, list[str]]:
     ids = store.list_cases(root)
     if not ids:
         raise DataError(f"{root}: no prepared cases (run `launch prepare` with crop disabled first)")
-    metas = {c: json.loads((root / c / "meta.json").read_text()) for c in ids}
+    metas = {c: store.read_case_meta(root, c) for c in ids}
     test = [c for c in ids if metas[c].get("split") == "test"]
     pool = [c for c in ids if metas[c].get("split") != "test"]
     if cfg.dlb.train_sites is not None:
@@ -265,7 +266,7 @@ def train_dlb(cfg: Config, workdir, *, mesh=None, log=print) -> dict:
     # A finished `prepare` whose classes / channels match the config, checked before anything is written.
     store.check_for_training(cfg.data.store, num_classes=cfg.data.num_classes, num_channels=cfg.data.num_channels)
     workdir = Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
+    rundir.write_run(workdir, cfg, rundir.preprocessing_from_store(cfg.data.store))  # dlb-predict reads its config
     d = cfg.dlb
     split = split_cases(cfg.data.store, cfg)
     images, labels, _ = load_cases(cfg.data.store, split["train"])

@@ -6,18 +6,48 @@ and a small JSON record (step, config, fingerprint, best metric).
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import grain
 import jax
 import orbax.checkpoint as ocp
 
-from jaxseg.config import Config, config_fingerprint, diff_configs, dump_config, load_config
+from jaxseg.config import (
+    Config,
+    config_fingerprint,
+    diff_configs,
+    dump_config,
+    load_config,
+)
+from jaxseg.rundir import load_params, restore_params
+
+__all__ = [
+    "TRAJECTORY_KEYS",
+    "IncompatibleResume",
+    "check_compatible",
+    "fingerprint",
+    "load_init_params",
+    "load_params",
+    "manager",
+    "meta_record",
+    "read_meta",
+    "restore",
+    "save",
+]
 
 # What changes the training trajectory; the rest (logging, checkpoint cadence, evaluation) may differ
-# between a run and its resumption.
+# between a run and its resumption. Of `data`, not where the store is (its content is compared by
+# fingerprint, see check_compatible) nor the loader's threads and prefetch depth: batches do not depend
+# on them.
 TRAJECTORY_KEYS = ("seed", "data", "model", "loss", "optim", "dro", "train.epochs", "train.steps_per_epoch",
                    "train.parallel", "train.finetune", "train.init_from")
+DATA_KEYS_OFF_TRAJECTORY = ("dataset", "store", "threads", "prefetch")
+
+
+def _trajectory_keys(cfg: Config) -> list[str]:
+    keys = [k for k in TRAJECTORY_KEYS if k != "data"]
+    return keys + [f"data.{f.name}" for f in dataclasses.fields(cfg.data) if f.name not in DATA_KEYS_OFF_TRAJECTORY]
 
 
 class IncompatibleResume(RuntimeError):
@@ -25,7 +55,7 @@ class IncompatibleResume(RuntimeError):
 
 
 def fingerprint(cfg: Config) -> str:
-    return config_fingerprint(cfg, TRAJECTORY_KEYS)
+    return config_fingerprint(cfg, _trajectory_keys(cfg))
 
 
 def manager(directory: Path, keep: int) -> ocp.CheckpointManager:
@@ -49,8 +79,15 @@ def read_meta(mgr: ocp.CheckpointManager, step: int) -> dict:
     return mgr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
 
 
-def check_compatible(meta: dict, cfg: Config, where: Path) -> None:
-    """Refuse to resume a run whose trajectory-defining config differs, saying what differs."""
+def check_compatible(meta: dict, cfg: Config, where: Path, store_fingerprint: str | None = None) -> None:
+    """Refuse to resume a run whose trajectory-defining config differs, or whose case store now holds
+    other content (`store_fingerprint`, see jaxseg.data.store.content_fingerprint), saying what differs."""
+    saved_store = meta.get("store_fingerprint")
+    if store_fingerprint is not None and saved_store is not None and saved_store != store_fingerprint:
+        raise IncompatibleResume(
+            f"{where}: refusing to resume: the case store {cfg.data.store} holds other cases or preprocessing "
+            f"than the one this run trained on (content fingerprint {saved_store[:12]} -> "
+            f"{store_fingerprint[:12]}). Use a new --workdir, or point data.store at the original store.")
     if meta.get("fingerprint") == fingerprint(cfg):
         return
     import tempfile
@@ -65,7 +102,7 @@ def check_compatible(meta: dict, cfg: Config, where: Path) -> None:
         return  # written before a config field (with its default value here) was added to the schema
     def matters(line: str) -> bool:
         key = line.split(":")[0]
-        return any(key == k or key.startswith(k + ".") for k in TRAJECTORY_KEYS)
+        return any(key == k or key.startswith(k + ".") for k in _trajectory_keys(cfg))
 
     diffs = [d for d in diff_configs(saved, cfg) if matters(d)]
     raise IncompatibleResume(
@@ -88,37 +125,6 @@ def meta_record(cfg: Config, step: int, **extra) -> dict:
             "process_count": jax.process_count(), **extra}
 
 
-def _restore_params(directory: Path, step: int | None = None):
-    """(params, meta, step) of `step` (default: the latest) in the checkpoint directory `directory`, or
-    None when it holds no checkpoint."""
-    mgr = ocp.CheckpointManager(Path(directory).absolute(), item_names=("state", "data", "meta"),
-                                options=ocp.CheckpointManagerOptions(read_only=True))
-    try:
-        step = mgr.latest_step() if step is None else step
-        if step is None:
-            return None
-        out = mgr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(),
-                                                        meta=ocp.args.JsonRestore()))
-        return out["state"]["params"], out["meta"], int(step)
-    finally:
-        mgr.close()
-
-
-def load_params(run_dir: str | Path, which: str = "best"):
-    """The parameters of a finished or running run: `best` (falls back to the last when the run had no
-    validation split) or `last`. Returns (params, meta)."""
-    run_dir = Path(run_dir)
-    order = {"best": ("best", "ckpt"), "last": ("ckpt",)}[which]
-    for sub in order:
-        directory = run_dir / sub
-        if not directory.exists():
-            continue
-        found = _restore_params(directory)
-        if found is not None:
-            return found[0], found[1]
-    raise FileNotFoundError(f"{run_dir}: no checkpoint in {' or '.join(order)}/ (has this run trained?)")
-
-
 def load_init_params(path: str | Path):
     """The parameters `train.init_from` names: a run directory (its `best/` checkpoint, else the last
     in `ckpt/`), a checkpoint directory (`RUN/ckpt` or `RUN/best`: its latest step) or one step's
@@ -138,7 +144,7 @@ def load_init_params(path: str | Path):
     else:
         candidates = [(path, None)]
     for directory, step in candidates:
-        found = _restore_params(directory, step)
+        found = restore_params(directory, step)
         if found is not None:
             params, meta, step = found
             return params, meta, directory / str(step)

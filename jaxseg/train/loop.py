@@ -11,11 +11,8 @@ import json
 import logging
 import math
 import os
-import platform
-import subprocess
 import sys
 import time
-from importlib import metadata
 from pathlib import Path
 
 import jax
@@ -24,13 +21,14 @@ import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from jaxseg import distributed, locks, runtime
-from jaxseg.config import Config, save_config
+from jaxseg import distributed, locks, rundir
+from jaxseg.config import Config
 from jaxseg.data import store
 from jaxseg.data.augment import PRESETS, for_patch
 from jaxseg.data.budget import slice_mask
 from jaxseg.data.pipeline import CaseSampler, CaseSource, PatchBatchIterator
-from jaxseg.fileio import write_text_atomic
+from jaxseg.data.splits import kfold_split, limit_cases, select_cases  # noqa: F401 (re-exported)
+from jaxseg.fileio import write_json_atomic, write_text_atomic
 from jaxseg.inference.predict import make_apply_fn
 from jaxseg.inference.sliding_window import sliding_window_logits
 from jaxseg.losses import dro as dro_math
@@ -48,73 +46,7 @@ class TrainingError(RuntimeError):
     pass
 
 
-# ------------------------------------------------------------------------------------------ splits
-
-
-def kfold_split(case_ids, fold: int | str, num_folds: int = 5, seed: int = 12345) -> tuple[list, list]:
-    """nnU-Net's split: sklearn KFold(num_folds, shuffle=True, random_state=seed) over sorted case ids.
-    `fold: all` trains on every case and validates on none."""
-    keys = sorted(case_ids)
-    if fold == "all":
-        return keys, []
-    if len(keys) < num_folds:
-        raise ValueError(f"{len(keys)} training cases cannot make {num_folds} folds; use data.fold=all")
-    idx = np.arange(len(keys))
-    np.random.RandomState(seed).shuffle(idx)  # what sklearn's KFold(shuffle=True) does
-    sizes = np.full(num_folds, len(keys) // num_folds)
-    sizes[: len(keys) % num_folds] += 1
-    start = int(sizes[:fold].sum())
-    val = set(idx[start: start + sizes[fold]].tolist())
-    return [keys[i] for i in range(len(keys)) if i not in val], [keys[i] for i in sorted(val)]
-
-
-def select_cases(case_ids, cfg: Config, store_root) -> tuple[list, list]:
-    """(train, validation) case ids: `data.train_cases` / `data.val_cases` when given (each must be a
-    training case of the store), else the `data.fold` split."""
-    d = cfg.data
-    if d.train_cases is None:
-        return kfold_split(case_ids, d.fold, d.num_folds, d.split_seed)
-    known = set(case_ids)
-    for key, ids in (("train_cases", d.train_cases), ("val_cases", d.val_cases or ())):
-        missing = [c for c in ids if c not in known]
-        if missing:
-            raise TrainingError(f"{store_root}: data.{key} names {len(missing)} case(s) that are not training "
-                                f"cases of the store, e.g. {missing[0]!r}")
-    return sorted(d.train_cases), sorted(d.val_cases or ())
-
-
-def limit_cases(case_ids, max_cases: int | None, seed: int = 12345) -> list:
-    """The first `max_cases` of `case_ids` in a random order fixed by `seed` (returned in sorted order);
-    all of them when `max_cases` is None or not smaller. Deterministic: the sorted ids are permuted by
-    numpy's PCG64 seeded with `seed` (data.split_seed), so a smaller N is a prefix of a larger one's
-    draw (nested subsets)."""
-    keys = sorted(case_ids)
-    if max_cases is None or max_cases >= len(keys):
-        return keys
-    order = np.random.default_rng(seed).permutation(len(keys))
-    return sorted(keys[i] for i in order[:max_cases])
-
-
 # ------------------------------------------------------------------------------------------ helpers
-
-
-def run_record(cfg: Config) -> dict:
-    """What a run directory needs to be reproduced: versions, devices, git revision, and the XLA / JAX
-    settings that change numbers or speed (jaxseg.runtime)."""
-    versions = {}
-    for name in ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "grain", "tensorstore", "numpy"):
-        try:
-            versions[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            pass
-    try:
-        rev = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                             cwd=Path(__file__).parent).stdout.strip() or None
-    except OSError:
-        rev = None
-    return {"versions": versions, "git_revision": rev, "python": platform.python_version(),
-            "devices": [str(d) for d in jax.devices()], "process_count": jax.process_count(),
-            "seed": cfg.seed, "runtime": runtime.record()}
 
 
 class MetricLog:
@@ -168,8 +100,7 @@ def validate(apply_fn, store_root, case_ids, cfg: Config, patch_size, progress: 
     for cid in tqdm(case_ids, desc="validation", unit="case", leave=False, disable=not progress,
                     dynamic_ncols=True):
         case = store.open_case(store_root, cid)
-        image = np.asarray(case.image.read().result())
-        label = np.asarray(case.label.read().result())
+        image, label = case.read_image(), case.read_label()
         logits, extra = sliding_window_logits(apply_fn, image, patch_size, cfg.data.num_classes,
                                               step=cfg.eval.step_size, sigma_scale=cfg.eval.gaussian_sigma,
                                               window_batch=cfg.eval.window_batch)
@@ -287,11 +218,12 @@ def _train_and_evaluate(cfg: Config, workdir: str | os.PathLike, *, max_steps: i
     store.check_for_training(cfg.data.store, num_classes=cfg.data.num_classes, num_channels=cfg.data.num_channels)
     workdir = Path(workdir)
     main = distributed.is_main_process()
+    # What predict needs besides the parameters (preprocessing.json), written at the start: the run
+    # directory is usable without the store from its first checkpoint on.
+    preprocessing = rundir.preprocessing_from_store(cfg.data.store)
+    store_fingerprint = preprocessing["store"]["fingerprint"]
     if main:
-        workdir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, workdir / "config.yaml")
-        run_info = run_record(cfg)
-        write_text_atomic(workdir / "run.json", json.dumps(run_info, indent=2) + "\n")
+        run_info = rundir.write_run(workdir, cfg, preprocessing)
     total_steps = cfg.train.epochs * cfg.train.steps_per_epoch
     stop_at = total_steps if max_steps is None else min(total_steps, max_steps)
 
@@ -316,7 +248,9 @@ def _train_and_evaluate(cfg: Config, workdir: str | os.PathLike, *, max_steps: i
                           init_loss=d.init_loss, case_ids=source.case_ids)
     # AgeU-Net: each patch regresses its subject's age (store meta "age", from the dataset metadata).
     ages = case_ages(source, store_root) if cfg.model.arch == "unet" and cfg.model.age_head else None
-    topology = model_topology(cfg)
+    # data.spacing null: the topology is planned on the dataset's median spacing, as nnU-Net does.
+    spacing = rundir.model_spacing(cfg, preprocessing)
+    topology = model_topology(cfg, spacing)
     patch = topology.patch_size if cfg.model.arch == "unet" else cfg.data.patch_size
     aug = for_patch(PRESETS[cfg.data.augment], patch)  # nnU-Net's dummy 2D rule for anisotropic patches
     # Room for rotation and scaling on the device (nnU-Net loads a larger region for the same reason;
@@ -335,7 +269,7 @@ def _train_and_evaluate(cfg: Config, workdir: str | os.PathLike, *, max_steps: i
                                   mask_fn=mask_fn)
 
     # --- Model, optimiser, sharded init -----------------------------------------------------------
-    model = build_model(cfg)
+    model = build_model(cfg, spacing)
     x_spec = jnp.zeros((1, *patch, cfg.data.num_channels), jnp.float32)
     init_key, step_key = jax.random.split(jax.random.key(cfg.seed))
     abstract_params = jax.eval_shape(lambda k: model.init(k, x_spec)["params"], init_key)
@@ -373,7 +307,7 @@ def _train_and_evaluate(cfg: Config, workdir: str | os.PathLike, *, max_steps: i
         if latest is not None:
             # A resumed run continues from its own checkpoint; train.init_from is not read again (it is in
             # the fingerprint, so a different one is refused here).
-            ckpt.check_compatible(ckpt.read_meta(last_mgr, latest), cfg, workdir)
+            ckpt.check_compatible(ckpt.read_meta(last_mgr, latest), cfg, workdir, store_fingerprint)
             restore_target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=repl),
                                           abstract_state)
             state, meta = ckpt.restore(last_mgr, latest, restore_target, iterator)
@@ -406,7 +340,7 @@ def _train_and_evaluate(cfg: Config, workdir: str | os.PathLike, *, max_steps: i
     if main:  # steps after the checkpoint are replayed and logged again
         truncate_metrics(workdir / "metrics.jsonl", latest or 0)
     if main and transfer:
-        write_text_atomic(workdir / "run.json", json.dumps({**run_info, "transfer": transfer}, indent=2) + "\n")
+        write_json_atomic(workdir / rundir.RUN, {**run_info, "transfer": transfer})
     if cfg.train.parallel == "pmap":
         state = replicate(jax.device_get(state), jax.local_devices())
 
@@ -415,7 +349,8 @@ def _train_and_evaluate(cfg: Config, workdir: str | os.PathLike, *, max_steps: i
 
     def save(step_now: int) -> None:
         ckpt.save(last_mgr, step_now, host_state(state), iterator,
-                  ckpt.meta_record(cfg, step_now, best=best, init_source=init_source))
+                  ckpt.meta_record(cfg, step_now, best=best, init_source=init_source,
+                                  store_fingerprint=store_fingerprint))
 
     # --- Loop -------------------------------------------------------------------------------------
     metric_log = MetricLog(workdir, main)
@@ -511,7 +446,8 @@ def _train_and_evaluate(cfg: Config, workdir: str | os.PathLike, *, max_steps: i
                 if val["val_dice"] > best["val_dice"]:
                     best = {"val_dice": val["val_dice"], "step": step}
                     ckpt.save(best_mgr, step, host_state(state), iterator,
-                              ckpt.meta_record(cfg, step, best=best, init_source=init_source))
+                              ckpt.meta_record(cfg, step, best=best, init_source=init_source,
+                                               store_fingerprint=store_fingerprint))
     finally:
         if bar is not None:
             bar.close()
