@@ -209,3 +209,10 @@ def test_atomic_path_same_name_keeps_the_file_name_and_leaves_nothing_on_failure
         tmp.write_bytes(b"half")
         raise RuntimeError("killed")
     assert target.read_bytes() == b"one" and sorted(p.name for p in tmp_path.iterdir()) == ["x.nii.gz"]
+
+
+def test_predict_with_a_run_that_does_not_exist(tmp_path, capsys):
+    assert main(["predict", "--run", str(tmp_path / "nope"), "--input", str(tmp_path),
+                 "--output", str(tmp_path / "out")]) == 1
+    assert capsys.readouterr().err.strip() == f"error: {tmp_path / 'nope'}: no such run directory"
+    assert not (tmp_path / "out").exists()
