@@ -100,11 +100,11 @@ def test_resume_compares_only_what_changes_the_trajectory(tmp_path):
     meta = meta_record(cfg, 3, store_fingerprint="f" * 64)
     for change in (["data.threads=7"], ["data.prefetch=9"], ["data.store=/elsewhere/store"],
                    ["data.dataset=/moved/raw"], ["train.log_every=3"]):
-        check_compatible(meta, load_config(None, change), tmp_path, "f" * 64)
+        check_compatible(meta, load_config(None, change), tmp_path, store_fingerprint="f" * 64)
     with pytest.raises(IncompatibleResume, match=r"data.patch_size: \[64, 64, 64\] -> \[32, 32, 32\]"):
-        check_compatible(meta, load_config(None, ["data.patch_size=[32,32,32]"]), tmp_path, "f" * 64)
+        check_compatible(meta, load_config(None, ["data.patch_size=[32,32,32]"]), tmp_path, store_fingerprint="f" * 64)
     with pytest.raises(IncompatibleResume, match=r"case store a/store holds other cases .* ffffffffffff -> 000000000000"):
-        check_compatible(meta, cfg, tmp_path, "0" * 64)
+        check_compatible(meta, cfg, tmp_path, store_fingerprint="0" * 64)
 
 
 def test_spacing_null_plans_the_topology_on_the_dataset_median(tmp_path):

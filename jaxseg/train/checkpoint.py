@@ -45,17 +45,23 @@ TRAJECTORY_KEYS = ("seed", "data", "model", "loss", "optim", "dro", "train.epoch
 DATA_KEYS_OFF_TRAJECTORY = ("dataset", "store", "threads", "prefetch")
 
 
-def _trajectory_keys(cfg: Config) -> list[str]:
-    keys = [k for k in TRAJECTORY_KEYS if k != "data"]
-    return keys + [f"data.{f.name}" for f in dataclasses.fields(cfg.data) if f.name not in DATA_KEYS_OFF_TRAJECTORY]
+def _expand(cfg: Config, keys) -> list[str]:
+    """`keys` with the section "data" spelled out as its fields, less DATA_KEYS_OFF_TRAJECTORY."""
+    out = []
+    for k in keys:
+        if k == "data":
+            out += [f"data.{f.name}" for f in dataclasses.fields(cfg.data) if f.name not in DATA_KEYS_OFF_TRAJECTORY]
+        else:
+            out.append(k)
+    return out
 
 
 class IncompatibleResume(RuntimeError):
     pass
 
 
-def fingerprint(cfg: Config) -> str:
-    return config_fingerprint(cfg, _trajectory_keys(cfg))
+def fingerprint(cfg: Config, keys: tuple[str, ...] = TRAJECTORY_KEYS) -> str:
+    return config_fingerprint(cfg, _expand(cfg, keys))
 
 
 def manager(directory: Path, keep: int) -> ocp.CheckpointManager:
@@ -79,16 +85,18 @@ def read_meta(mgr: ocp.CheckpointManager, step: int) -> dict:
     return mgr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
 
 
-def check_compatible(meta: dict, cfg: Config, where: Path, store_fingerprint: str | None = None) -> None:
-    """Refuse to resume a run whose trajectory-defining config differs, or whose case store now holds
-    other content (`store_fingerprint`, see jaxseg.data.store.content_fingerprint), saying what differs."""
+def check_compatible(meta: dict, cfg: Config, where: Path, keys: tuple[str, ...] = TRAJECTORY_KEYS, *,
+                     store_fingerprint: str | None = None) -> None:
+    """Refuse to resume a run whose trajectory-defining config (`keys`) differs, or whose case store now
+    holds other content (`store_fingerprint`, see jaxseg.data.store.content_fingerprint), saying what
+    differs."""
     saved_store = meta.get("store_fingerprint")
     if store_fingerprint is not None and saved_store is not None and saved_store != store_fingerprint:
         raise IncompatibleResume(
             f"{where}: refusing to resume: the case store {cfg.data.store} holds other cases or preprocessing "
             f"than the one this run trained on (content fingerprint {saved_store[:12]} -> "
             f"{store_fingerprint[:12]}). Use a new --workdir, or point data.store at the original store.")
-    if meta.get("fingerprint") == fingerprint(cfg):
+    if meta.get("fingerprint") == fingerprint(cfg, keys):
         return
     import tempfile
 
@@ -98,11 +106,11 @@ def check_compatible(meta: dict, cfg: Config, where: Path, store_fingerprint: st
         saved = load_config(f.name)
     finally:
         Path(f.name).unlink(missing_ok=True)
-    if fingerprint(saved) == fingerprint(cfg):
+    if fingerprint(saved, keys) == fingerprint(cfg, keys):
         return  # written before a config field (with its default value here) was added to the schema
     def matters(line: str) -> bool:
         key = line.split(":")[0]
-        return any(key == k or key.startswith(k + ".") for k in _trajectory_keys(cfg))
+        return any(key == k or key.startswith(k + ".") for k in _expand(cfg, keys))
 
     diffs = [d for d in diff_configs(saved, cfg) if matters(d)]
     raise IncompatibleResume(

@@ -322,7 +322,8 @@ def _train_and_evaluate(cfg: Config, workdir: str | os.PathLike, *, max_steps: i
         if latest is not None:
             # A resumed run continues from its own checkpoint; train.init_from is not read again (it is in
             # the fingerprint, so a different one is refused here).
-            ckpt.check_compatible(ckpt.read_meta(last_mgr, latest), cfg, workdir, store_fingerprint)
+            ckpt.check_compatible(ckpt.read_meta(last_mgr, latest), cfg, workdir,
+                                  store_fingerprint=store_fingerprint)
             restore_target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=repl),
                                           abstract_state)
             state, meta = ckpt.restore(last_mgr, latest, restore_target, iterator)
