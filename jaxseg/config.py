@@ -315,7 +315,15 @@ class LossConfig(_Section):
     kind: Literal["dice_ce", "dice", "ce", "gen_jaccard"] = "dice_ce"
     batch_dice: bool = False
     smooth: float = 1e-5
+    # The Dice term as nnU-Net computes it (softmax, 2 tp + fp + fn, foreground classes); the neonatal
+    # reference code's MONAI DiceCELoss: sigmoid, squared (sum p^2 + sum t^2), background included.
+    dice_activation: Literal["softmax", "sigmoid"] = "softmax"
+    dice_squared: bool = False
+    dice_background: bool = False
     ds_mode: Literal["downsample_targets", "upsample_outputs"] = "downsample_targets"
+    # upsample_outputs: how the lower-resolution logits are resized to the labels' grid; nearest is
+    # MONAI DynUNet's (the neonatal reference code)
+    ds_upsample: Literal["nearest", "trilinear"] = "nearest"
     ds_weights: Literal["nnunet", "neonatal"] = "nnunet"
     age_weight: float = 0.01
 

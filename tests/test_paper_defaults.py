@@ -131,3 +131,42 @@ def test_training_uses_the_configured_rule_and_table(tiny_store, tmp_path, monke
     assert seen["mode"] == cfg.data.oversample
     if cfg.data.oversample == "last":  # nnU-Net v2: slots >= round(8 * 0.67) = 5 of the global batch
         assert seen["fg_forced"] == [False] * 5 + [True] * 3
+
+
+NEONATAL = sorted(CONFIGS.glob("neonatal_*.yaml"))
+
+
+@pytest.mark.parametrize("path", NEONATAL, ids=lambda p: p.name)
+def test_neonatal_configs_use_the_papers_network(path):
+    import jax
+    import jax.numpy as jnp
+
+    from jaxseg.models import build_model, model_topology
+    from jaxseg.train import finetune
+
+    cfg = load_config(path)
+    assert cfg.model.arch == "unet" and cfg.model.block == "residual" and cfg.model.deep_supervision
+    header = "".join(ln for ln in path.read_text().splitlines(keepends=True) if ln.startswith("#"))
+    assert "residual U-Net with deep supervision" in header
+    # as the paper: labels downsampled to each head, nnU-Net's Dice (the reference code's are selectable)
+    assert (cfg.loss.ds_mode, cfg.loss.dice_activation, cfg.loss.dice_squared) == (
+        "downsample_targets", "softmax", False)
+    patch = model_topology(cfg).patch_size
+    x = jnp.zeros((1, *patch, cfg.data.num_channels))
+    age = [load_config(path, ["model.age_head=true"])] if "age" in path.name else []
+    for c in (cfg, *age):  # AgeU-Net on the residual bottleneck too
+        params = jax.eval_shape(lambda k, c=c: build_model(c).init(k, x)["params"], jax.random.key(0))
+        names = {k.key for path_, _ in jax.tree_util.tree_flatten_with_path(params)[0] for k in path_}
+        assert "res" in names  # the residual blocks' 1x1x1 skip projections
+        out = jax.eval_shape(lambda p, c=c: build_model(c).apply({"params": p}, x), params)
+        assert len(out.seg) > 1 and out.seg[0].shape == (1, *patch, cfg.data.num_classes)
+        assert (out.age is not None) == c.model.age_head
+    if "transfer" not in path.name:
+        return
+    # the transfer strategies select residual stages from the bottleneck outwards: each trains more
+    sizes = []
+    for strategy in ("shallow", "medium", "deep"):
+        mask = finetune.trainable_mask(params, strategy)
+        sizes.append(sum(int(np.prod(p.shape)) for p, m in zip(jax.tree.leaves(params), jax.tree.leaves(mask))
+                         if m))
+    assert 0 < sizes[0] < sizes[1] < sizes[2] < sum(int(np.prod(p.shape)) for p in jax.tree.leaves(params))
