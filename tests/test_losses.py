@@ -415,7 +415,8 @@ def test_deep_supervision_upsample_outputs_shapes_and_values():
 # supervision heads upsampled to full size with `interpolate` (nearest), weights 0.5^i unnormalised.
 REFERENCE_LOSS = ["loss.dice_activation=sigmoid", "loss.dice_squared=true", "loss.dice_background=true",
                   "loss.ds_mode=upsample_outputs", "loss.ds_upsample=nearest", "loss.ds_weights=neonatal"]
-VARIANT = dict(activation="sigmoid", squared=True, include_background=True)
+VARIANT = {"activation": "sigmoid", "squared": True, "include_background": True}
+NNUNET = {"activation": "softmax", "squared": False, "include_background": False}
 
 
 def _np_reference_dice(logits, labels, mask=None, smooth=1e-5):
@@ -439,7 +440,7 @@ def test_reference_dice_variant_against_numpy():
     # each switch alone changes the value (the three are independent keys)
     base = np.asarray(soft_dice(logits, labels, mask, **VARIANT))
     for key in VARIANT:
-        other = {**VARIANT, key: dict(activation="softmax", squared=False, include_background=False)[key]}
+        other = {**VARIANT, key: NNUNET[key]}
         assert not np.allclose(np.asarray(soft_dice(logits, labels, mask, **other)), base)
     with pytest.raises(ValueError, match="activation"):
         soft_dice(logits, labels, activation="tanh")

@@ -7,8 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-
 from _tiny import tiny_cfg
+
 from jaxseg.config import Config, load_config
 from jaxseg.data.pipeline import CaseSampler
 from jaxseg.tiles.grid import make_grid, reference_grid
@@ -170,3 +170,20 @@ def test_neonatal_configs_use_the_papers_network(path):
         sizes.append(sum(int(np.prod(p.shape)) for p, m in zip(jax.tree.leaves(params), jax.tree.leaves(mask))
                          if m))
     assert 0 < sizes[0] < sizes[1] < sizes[2] < sum(int(np.prod(p.shape)) for p in jax.tree.leaves(params))
+
+
+def test_a_run_saved_before_oversample_existed_resumes_only_with_its_rule(tmp_path):
+    # Such a run forced each patch with probability p: resuming it under the new default would change its
+    # trajectory, so the resume is refused naming the key, and accepted with data.oversample=random.
+    from jaxseg.config import dump_config
+    from jaxseg.train.checkpoint import IncompatibleResume, check_compatible
+
+    old_text = "\n".join(ln for ln in dump_config(Config()).splitlines() if "oversample:" not in ln.split("#")[0]
+                         or "foreground_oversampling" in ln) + "\n"
+    assert "  oversample:" not in old_text and "foreground_oversampling" in old_text
+    meta = {"fingerprint": "from an older schema", "config": old_text}
+    with pytest.raises(IncompatibleResume, match=r"data.oversample: random -> last"):
+        check_compatible(meta, Config(), tmp_path)
+    check_compatible(meta, load_config(None, ["data.oversample=random"]), tmp_path)
+    # a run saved with the key resumes as before
+    check_compatible({"fingerprint": "x", "config": dump_config(Config())}, Config(), tmp_path)

@@ -41,8 +41,8 @@ def init_state(params, optimizer) -> TrainState:
 def segmentation_loss_fn(cfg: Config):
     lc = cfg.loss
     kind = lc.kind
-    dice = dict(smooth=lc.smooth, batch_dice=lc.batch_dice, include_background=lc.dice_background,
-                activation=lc.dice_activation, squared=lc.dice_squared)
+    dice = {"smooth": lc.smooth, "batch_dice": lc.batch_dice, "include_background": lc.dice_background,
+            "activation": lc.dice_activation, "squared": lc.dice_squared}
     if kind == "dice_ce":
         return functools.partial(dice_ce, **dice)
     if kind == "dice":
