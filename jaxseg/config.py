@@ -549,6 +549,7 @@ class TransferConfig(_Section):
 class Config(_Section):
     experiment: str = "default"
     seed: int = 0
+    seeds: tuple[int, ...] | None = None  # training seeds of a multi-seed job (demo); None = (seed,)
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     loss: LossConfig = field(default_factory=LossConfig)
@@ -562,6 +563,9 @@ class Config(_Section):
 
     def _validate(self) -> None:
         _check(bool(self.experiment.strip()), "experiment", "must not be empty")
+        if self.seeds is not None:
+            _check(len(self.seeds) >= 1 and len(set(self.seeds)) == len(self.seeds), "seeds",
+                   f"must be distinct and not empty, got {list(self.seeds)}")
 
 
 # ---------------------------------------------------------------------- converter
