@@ -260,7 +260,7 @@ def _train_and_evaluate(cfg: Config, workdir: str | os.PathLike, *, max_steps: i
     d = cfg.dro
     sampler_mode = "hardness" if d.enabled and d.mode in ("sampling", "sampling_is") else "uniform"
     sampler = CaseSampler(len(source), mode=sampler_mode, seed=cfg.seed, beta=d.beta, floor=d.prob_floor,
-                          init_loss=d.init_loss, case_ids=source.case_ids)
+                          init_loss=d.init_loss, init_noise=d.init_noise, case_ids=source.case_ids)
     # AgeU-Net: each patch regresses its subject's age (store meta "age", from the dataset metadata).
     ages = case_ages(source, store_root) if cfg.model.arch == "unet" and cfg.model.age_head else None
     # data.spacing null: the topology is planned on the dataset's median spacing, as nnU-Net does.
@@ -280,6 +280,7 @@ def _train_and_evaluate(cfg: Config, workdir: str | os.PathLike, *, max_steps: i
     mask_fn = budget_mask if budget.enabled else None
     iterator = PatchBatchIterator(source, sampler, batch_size=cfg.data.batch_size, patch_size=patch,
                                   margin=margin, foreground_oversampling=cfg.data.foreground_oversampling,
+                                  oversample=cfg.data.oversample,
                                   threads=cfg.data.threads, prefetch=cfg.data.prefetch, seed=cfg.seed,
                                   mask_fn=mask_fn)
 
