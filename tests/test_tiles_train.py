@@ -7,7 +7,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from jaxseg.config import load_config
+from jaxseg.config import SynthConfig, load_config
 from jaxseg.data.io import DataError
 from jaxseg.data.prepare import prepare
 from jaxseg.data.synth import write_cohort
@@ -58,8 +58,8 @@ def test_pool_sampler_is_deterministic_and_covers_each_pool():
 def cohort(tmp_path_factory):
     root = tmp_path_factory.mktemp("dlb")
     ds = root / "raw"
-    write_cohort(ds, 6, seed=1, spacing=8.0, flavour="lesion", strata={"control": 1.0}, sites=2, n_test=2,
-                 progress=False)
+    write_cohort(ds, SynthConfig(n_subjects=6, seed=1, spacing=8.0, flavour="lesion", p_ventriculomegaly=0.0,
+                                 p_cerebellar_hypoplasia=0.0, sites=2, n_test=2), progress=False)
     prepare(ds, root / "store", crop=False, progress=False, num_workers=1)
     prepare(ds, root / "store_cropped", progress=False, num_workers=1)
     return root
