@@ -203,6 +203,8 @@ def cmd_import_torch(args) -> None:
 
 
 def parser() -> argparse.ArgumentParser:
+    """The command line: one declarative table of every subcommand and its flags (long because the
+    CLI is; each command's work is a library function)."""
     p = argparse.ArgumentParser(prog="python -m jaxseg.launch", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", metavar="COMMAND")

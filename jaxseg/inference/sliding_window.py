@@ -279,11 +279,9 @@ def sliding_window_logits(
     :func:`gaussian_importance_map`). ``progress``: a tqdm bar over the window batches.
     """
     patch = _triple(patch_size, "patch_size")
-    image = np.asarray(image)
+    image = np.asarray(image, dtype=np.float32)
     if image.ndim != 4:
         raise ValueError(f"image must be (X, Y, Z, C) channels-last, got shape {image.shape}")
-    if image.dtype != np.float32:
-        image = image.astype(np.float32)
     if int(num_classes) < 1:
         raise ValueError(f"num_classes must be >= 1, got {num_classes}")
     if int(window_batch) < 1:

@@ -330,9 +330,7 @@ def make_subject(rng_or_seed, template: Template, *, stratum: str = "control", a
     label, cerebellum, target = _draw_anatomy(r_anat, r_abn, template, stratum, shape, affine, spacing, f,
                                               cshape, scale, vent_factor)
 
-    lesion = None
-    lesion_id = None
-    n_les = 0
+    lesion, lesion_id, n_les = None, None, 0
     if lesions:
         lesion, lesion_id, n_les = _rasterise_lesions(r_les, label, spacing,
                                                      int(r_les.integers(3, 31)), lesion_radius_mm)
