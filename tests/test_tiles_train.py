@@ -84,6 +84,7 @@ def test_uncropped_store_keeps_the_grid_and_cropped_store_is_refused(cohort):
         load_cases(cohort / "store_cropped", split["train"])
 
 
+@pytest.mark.slow
 def test_train_then_predict_writes_nifti_in_input_geometry(cohort, tmp_path):
     cfg = tiny_cfg(cohort)
     summary = train_dlb(cfg, tmp_path / "run", log=lambda *_: None)
