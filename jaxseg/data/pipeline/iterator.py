@@ -22,7 +22,7 @@ class PatchBatchIterator(grain.DatasetIterator):
     ``batch_size``: GLOBAL batch size B (must be divisible by ``process_count``; this process
     reads ``b = B / P`` patches). ``patch_size``: int or 3 ints. ``margin``: int or 3 ints, the
     region read is ``patch_size + 2 * margin`` (room for rotation/scaling on the device).
-    ``foreground_oversampling``: p in [0, 1]; ``oversample``: "random" | "last" (module doc).
+    ``foreground_oversampling``: p in [0, 1]; ``oversample``: "last" | "random" (module doc).
     ``threads``: reader threads (static sampler: grain's pool, 0 = read synchronously; live: a
     pool when > 1, else the calling thread). ``prefetch``: batches read ahead, static sampler only
     (grain ``prefetch_buffer_size = max(prefetch, 1) * b`` when ``threads > 0``); a dynamic
@@ -37,7 +37,7 @@ class PatchBatchIterator(grain.DatasetIterator):
 
     def __init__(self, source: CaseSource, sampler: CaseSampler, *, batch_size: int,
                  patch_size, margin=0, foreground_oversampling: float = 0.33,
-                 oversample: str = "random", threads: int = 2, prefetch: int = 2, seed: int = 0,
+                 oversample: str = "last", threads: int = 2, prefetch: int = 2, seed: int = 0,
                  mask_fn: Optional[Callable] = None, mask_cache: int = 64,
                  process_index: Optional[int] = None, process_count: Optional[int] = None,
                  start_step: int = 0, live: Optional[bool] = None):

@@ -35,7 +35,8 @@ class CaseSampler:
         only on the seed and the step).
       * ``"weighted"``: by probabilities handed in with ``set_probs`` (may change every step).
       * ``"hardness"``: hardness weighted sampling (Fidon et al. 2021, nnU-Net-DRO): a table of one stale loss per case,
-        initialised to ``init_loss`` plus ``N(0, init_noise)`` (from the seed) to break ties;
+        initialised to ``init_loss`` plus ``N(0, init_noise)`` (from the seed) to break ties
+        (Fidon et al.'s reference: 2.0 and std 0.002);
         ``update`` writes new per-sample losses (momentum 0), ``set_table`` replaces the table;
         ``p = sampling_probs(table, beta, floor)`` (softmax, floored at ``floor / n``,
         renormalised).
@@ -49,7 +50,7 @@ class CaseSampler:
     """
 
     def __init__(self, n_cases: int, *, mode: str = "uniform", seed: int = 0, beta: float = 100.0,
-                 floor: float = 1e-4, init_loss: float = 2.0, init_noise: float = 1e-4,
+                 floor: float = 1e-4, init_loss: float = 2.0, init_noise: float = 0.002,
                  probs: Optional[Sequence[float]] = None, replace: Optional[bool] = None,
                  case_ids: Optional[Sequence[str]] = None):
         if mode not in SAMPLER_MODES:
