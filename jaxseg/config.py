@@ -172,7 +172,7 @@ class DataConfig(_Section):
     spacing: tuple[float, float, float] | None = None
     batch_size: int = 2
     foreground_oversampling: float = 0.33
-    # Which patches are forced onto foreground: "last" is nnU-Net v2's rule (the last round(B * p) slots of
+    # Which patches are forced onto foreground: "last" is nnU-Net v2's rule (slots >= round(B * (1 - p)) of
     # every global batch; with B = 2 one patch in two); "random" forces each patch with probability p.
     oversample: Literal["last", "random"] = "last"
     fold: int | Literal["all"] = 0
@@ -526,7 +526,7 @@ class TransferConfig(_Section):
     strategies: tuple[Literal["none", "shallow", "medium", "deep", "full", "scratch"], ...] = (
         "none", "shallow", "medium", "deep", "full", "scratch")
     finetune_steps: int = 100      # fine-tuning and from-scratch runs alike (train.* sets pre-training)
-    finetune_lr: float = 1e-3      # the paper's fine-tuning lr (SPEC 3)
+    finetune_lr: float = 1e-3      # the paper's fine-tuning lr (Richter & Fetit)
     scratch_lr: float | None = None  # null: optim.lr (a fresh network, as pre-training)
 
     def _validate(self) -> None:

@@ -160,6 +160,7 @@ def test_upsample_outputs_ignores_labels_of_unlabelled_voxels():
 # ------------------------------------------------------------------------------------- end to end
 
 
+@pytest.mark.slow
 def test_run_label_budget_tiny(tmp_path, monkeypatch):
     from jaxseg.launch import main
     from jaxseg.studies import label_budget

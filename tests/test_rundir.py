@@ -39,6 +39,7 @@ def _same(a: dict, b: dict) -> None:
         np.testing.assert_array_equal(a[k][1], b[k][1])
 
 
+@pytest.mark.slow
 def test_a_run_predicts_from_anywhere_without_its_store_and_when_copied(tiny_store, tmp_path, monkeypatch, capsys):
     raw = tiny_store.parent / "raw"
     train_dir, other = tmp_path / "train_here", tmp_path / "elsewhere"
@@ -163,7 +164,7 @@ def _imports(name: str, path: Path, tree) -> list[tuple[str, list[str]]]:
     return out
 
 
-def test_the_import_graph_has_no_upward_import_and_no_private_cross_module_import():
+def test_the_import_graph_has_no_upward_import_and_no_private_cross_package_import():
     seen = set()
     for name, path, tree in _modules():
         seen.add(name)
@@ -173,7 +174,8 @@ def test_the_import_graph_has_no_upward_import_and_no_private_cross_module_impor
                 assert not any(f == "jaxseg.train" or f.startswith("jaxseg.train.") for f in full), (name, mod)
             if name == "jaxseg.rundir":
                 assert not any(f.startswith("jaxseg.inference") for f in full), (name, mod)
-            if mod.startswith("jaxseg") and mod != name:
+            # a package's modules may share private helpers (jaxseg.data.pipeline.*); other packages may not
+            if mod.startswith("jaxseg") and mod.rsplit(".", 1)[0] != name.rsplit(".", 1)[0] and mod != name:
                 private = [n for n in names if n.startswith("_")]
                 assert not private, f"{name} imports private {private} from {mod}"
             # the case splits live in data/, not in the trainer

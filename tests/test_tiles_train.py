@@ -7,7 +7,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from jaxseg.config import load_config
+from jaxseg.config import SynthConfig, load_config
 from jaxseg.data.io import DataError
 from jaxseg.data.prepare import prepare
 from jaxseg.data.synth import write_cohort
@@ -58,8 +58,8 @@ def test_pool_sampler_is_deterministic_and_covers_each_pool():
 def cohort(tmp_path_factory):
     root = tmp_path_factory.mktemp("dlb")
     ds = root / "raw"
-    write_cohort(ds, 6, seed=1, spacing=8.0, flavour="lesion", strata={"control": 1.0}, sites=2, n_test=2,
-                 progress=False)
+    write_cohort(ds, SynthConfig(n_subjects=6, seed=1, spacing=8.0, flavour="lesion", p_ventriculomegaly=0.0,
+                                 p_cerebellar_hypoplasia=0.0, sites=2, n_test=2), progress=False)
     prepare(ds, root / "store", crop=False, progress=False, num_workers=1)
     prepare(ds, root / "store_cropped", progress=False, num_workers=1)
     return root
@@ -84,6 +84,7 @@ def test_uncropped_store_keeps_the_grid_and_cropped_store_is_refused(cohort):
         load_cases(cohort / "store_cropped", split["train"])
 
 
+@pytest.mark.slow
 def test_train_then_predict_writes_nifti_in_input_geometry(cohort, tmp_path, monkeypatch):
     cfg = tiny_cfg(cohort)
     summary = train_dlb(cfg, tmp_path / "run", log=lambda *_: None)
