@@ -15,7 +15,6 @@ import math
 import sys
 from pathlib import Path
 
-
 CONFIG_HELP = "YAML config (see configs/); defaults when omitted"
 OVERRIDES_HELP = "dotted config overrides, e.g. model.features_base=16 data.patch_size=[64,64,64]"
 
@@ -168,16 +167,19 @@ def cmd_transfer_study(args) -> None:
 
 
 def cmd_dlb_train(args) -> None:
+    from jaxseg.tiles.ensemble import tile_mesh
     from jaxseg.tiles.train import train_dlb
 
-    out = train_dlb(_config(args), args.workdir)
+    # The ensemble's networks sharded over every device (mesh axis `tile`); resumes a killed run.
+    out = train_dlb(_config(args), args.workdir, mesh=tile_mesh())
     print(f"trained DeepLesionBrain ({out['method']}) into {args.workdir}")
 
 
 def cmd_dlb_predict(args) -> None:
+    from jaxseg.tiles.ensemble import tile_mesh
     from jaxseg.tiles.train import predict_dlb
 
-    preds = predict_dlb(_config(args), args.workdir, args.output, args.case or None)
+    preds = predict_dlb(_config(args), args.workdir, args.output, args.case or None, mesh=tile_mesh())
     print(f"wrote {len(preds)} predictions to {args.output}")
 
 

@@ -3,6 +3,7 @@ and a one-step train -> predict run on a tiny synthetic MS cohort."""
 
 import json
 
+import jax
 import nibabel as nib
 import numpy as np
 import pytest
@@ -12,8 +13,15 @@ from jaxseg.data.io import DataError
 from jaxseg.data.prepare import prepare
 from jaxseg.data.synth import write_cohort
 from jaxseg.tiles.grid import make_grid
-from jaxseg.tiles.train import (PoolSampler, gather, load_cases, network_pools, predict_dlb, split_cases,
-                                train_dlb)
+from jaxseg.tiles.train import (
+    PoolSampler,
+    gather,
+    load_cases,
+    network_pools,
+    predict_dlb,
+    split_cases,
+    train_dlb,
+)
 
 
 def test_pools_hold_own_and_mirror_tiles_and_lesion_only_filters():
@@ -88,7 +96,7 @@ def test_train_then_predict_writes_nifti_in_input_geometry(cohort, tmp_path):
     cfg = tiny_cfg(cohort)
     summary = train_dlb(cfg, tmp_path / "run", log=lambda *_: None)
     assert summary["generic"]["epochs"] == 2 and summary["ensemble"]["epochs"] == 1
-    assert (tmp_path / "run" / "ensemble" / "params").is_dir()
+    assert (tmp_path / "run" / "ensemble" / "ckpt").is_dir() and (tmp_path / "run" / "config.yaml").is_file()
     hist = json.loads((tmp_path / "run" / "ensemble" / "history.json").read_text())
     assert hist["networks"] == 18 and len(hist["best_val_loss"]) == 18
     preds = predict_dlb(cfg, tmp_path / "run", tmp_path / "pred", log=lambda *_: None)
@@ -109,3 +117,93 @@ def test_train_then_predict_writes_nifti_in_input_geometry(cohort, tmp_path):
 def test_predict_without_training_names_the_missing_run(cohort, tmp_path):
     with pytest.raises(FileNotFoundError, match="dlb-train"):
         predict_dlb(tiny_cfg(cohort), tmp_path / "nothing", tmp_path / "pred", log=lambda *_: None)
+
+
+def test_predict_refuses_an_unfinished_stage(cohort, tmp_path):
+    import shutil
+
+    cfg = tiny_cfg(cohort, "dlb.method=generic", "dlb.generic_max_epochs=2")
+    train_dlb(cfg, tmp_path / "run", log=lambda *_: None)
+    ckpts = sorted(int(p.name) for p in (tmp_path / "run" / "generic" / "ckpt").iterdir() if p.name.isdigit())
+    shutil.rmtree(tmp_path / "run" / "generic" / "ckpt" / str(ckpts[-1]))  # as if killed after epoch 1
+    with pytest.raises(FileNotFoundError, match="before it finished.*resume"):
+        predict_dlb(cfg, tmp_path / "run", tmp_path / "pred", log=lambda *_: None)
+
+
+def test_resume_refuses_a_changed_config(cohort, tmp_path):
+    from jaxseg.train.checkpoint import IncompatibleResume
+
+    train_dlb(tiny_cfg(cohort, "dlb.method=generic", "dlb.generic_max_epochs=1"), tmp_path / "run",
+              log=lambda *_: None)
+    before = (tmp_path / "run" / "config.yaml").read_text()
+    with pytest.raises(IncompatibleResume, match=r"optim\.lr: 0\.001 -> 0\.01"):
+        train_dlb(tiny_cfg(cohort, "dlb.method=generic", "dlb.generic_max_epochs=1", "optim.lr=0.01"),
+                  tmp_path / "run", log=lambda *_: None)
+    assert (tmp_path / "run" / "config.yaml").read_text() == before  # refused before anything was written
+
+
+def test_stages_use_the_core_optimiser(cohort, tmp_path, monkeypatch):
+    """optim.kind / schedule / weight decay reach the DLB stages (jaxseg.train.optim.make_optimizer)."""
+    import jaxseg.tiles.train as dlb_train
+
+    seen = []
+    real = dlb_train.make_optimizer
+    monkeypatch.setattr(dlb_train, "make_optimizer", lambda c, *a: seen.append((c, a)) or real(c, *a))
+    cfg = tiny_cfg(cohort, "dlb.method=generic", "dlb.generic_max_epochs=2", "optim.kind=sgd",
+                   "optim.schedule=poly", "optim.weight_decay=0.001")
+    train_dlb(cfg, tmp_path / "run", log=lambda *_: None)
+    assert seen == [(cfg.optim, (2, 1))]
+
+
+def test_sigkill_mid_stage_then_rerun_matches_uninterrupted_run(cohort, tmp_path_factory, tmp_path):
+    """`launch dlb-train` killed (SIGKILL, process group) after an epoch of the ensemble stage and run
+    again resumes that stage from its last checkpoint and ends with the same parameters, bit for bit,
+    as a run that was never killed (as tests/test_kill_resume.py does for the main loop)."""
+    import signal
+    import sys
+    import time
+
+    from test_kill_resume import finished_steps, kill_group, start
+
+    from jaxseg.tiles.train import stage_params
+
+    cache = tmp_path_factory.mktemp("xla_cache_dlb")
+    overrides = [f"data.dataset={cohort / 'raw'}", f"data.store={cohort / 'store'}", "model.features_base=4",
+                 "model.norm_groups=2", "dlb.tile_size=16", "dlb.tiles_per_axis=2", "dlb.train_sites=null",
+                 "dlb.generic_steps_per_epoch=1", "dlb.generic_max_epochs=1", "dlb.generic_batch_size=2",
+                 "dlb.steps_per_epoch=1", "dlb.max_epochs=8", "dlb.patience=8", "dlb.group_size=1"]
+
+    def cmd(workdir):
+        return [sys.executable, "-m", "jaxseg.launch", "dlb-train", "--config", "configs/dlb_ablation_synth.yaml",
+                "--workdir", str(workdir), *overrides]
+
+    def run_to_end(workdir, log):
+        proc = start(cmd(workdir), log, cache)
+        assert proc.wait(timeout=600) == 0, log.read_text(errors="replace")[-4000:]
+
+    run_to_end(tmp_path / "ref", tmp_path / "ref.log")
+    workdir, log = tmp_path / "cut", tmp_path / "cut.log"
+    ckpt_dir = workdir / "ensemble" / "ckpt"
+    proc = start(cmd(workdir), log, cache)
+    deadline = time.monotonic() + 600
+    try:
+        while not (finished_steps(ckpt_dir) and finished_steps(ckpt_dir)[-1] >= 3):
+            assert proc.poll() is None, f"ended before it was killed\n{log.read_text(errors='replace')[-4000:]}"
+            assert time.monotonic() < deadline, log.read_text(errors="replace")[-4000:]
+            time.sleep(0.005)
+    finally:
+        kill_group(proc)
+    assert proc.returncode == -signal.SIGKILL
+    at_kill = finished_steps(ckpt_dir)[-1]
+    assert 3 <= at_kill < 8, at_kill
+    run_to_end(workdir, log)
+    assert f"[ensemble] resumed from epoch {at_kill} (step {at_kill})" in log.read_text(errors="replace")
+    assert "[generic] resumed from epoch 1 (step 1), finished" in log.read_text(errors="replace")
+    for stage in ("generic", "ensemble"):
+        ref, got = stage_params(tmp_path / "ref", stage), stage_params(workdir, stage)
+        for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(ref), jax.tree.leaves(got)):
+            np.testing.assert_array_equal(np.asarray(b), np.asarray(a), err_msg=f"{stage} {path}")
+    ref_hist = json.loads((tmp_path / "ref" / "ensemble" / "history.json").read_text())
+    got_hist = json.loads((workdir / "ensemble" / "history.json").read_text())
+    strip = lambda rows: [{k: v for k, v in r.items() if k != "seconds"} for r in rows]
+    assert strip(got_hist["epochs"]) == strip(ref_hist["epochs"]) and len(got_hist["epochs"]) == 8

@@ -12,7 +12,13 @@ import grain
 import jax
 import orbax.checkpoint as ocp
 
-from jaxseg.config import Config, config_fingerprint, diff_configs, dump_config, load_config
+from jaxseg.config import (
+    Config,
+    config_fingerprint,
+    diff_configs,
+    dump_config,
+    load_config,
+)
 
 # What changes the training trajectory; the rest (logging, checkpoint cadence, evaluation) may differ
 # between a run and its resumption.
@@ -24,8 +30,8 @@ class IncompatibleResume(RuntimeError):
     pass
 
 
-def fingerprint(cfg: Config) -> str:
-    return config_fingerprint(cfg, TRAJECTORY_KEYS)
+def fingerprint(cfg: Config, keys: tuple[str, ...] = TRAJECTORY_KEYS) -> str:
+    return config_fingerprint(cfg, keys)
 
 
 def manager(directory: Path, keep: int) -> ocp.CheckpointManager:
@@ -37,11 +43,12 @@ def manager(directory: Path, keep: int) -> ocp.CheckpointManager:
 
 
 def save(mgr: ocp.CheckpointManager, step: int, state, iterator, meta: dict) -> None:
-    mgr.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state),
-        data=grain.checkpoint.CheckpointSave(iterator),
-        meta=ocp.args.JsonSave(meta),
-    ))
+    """`iterator`: the grain iterator, or None for a trainer whose sampler state is JSON in `meta`
+    (DeepLesionBrain's stages)."""
+    items = {"state": ocp.args.StandardSave(state), "meta": ocp.args.JsonSave(meta)}
+    if iterator is not None:
+        items["data"] = grain.checkpoint.CheckpointSave(iterator)
+    mgr.save(step, args=ocp.args.Composite(**items))
     mgr.wait_until_finished()
 
 
@@ -49,9 +56,9 @@ def read_meta(mgr: ocp.CheckpointManager, step: int) -> dict:
     return mgr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
 
 
-def check_compatible(meta: dict, cfg: Config, where: Path) -> None:
-    """Refuse to resume a run whose trajectory-defining config differs, saying what differs."""
-    if meta.get("fingerprint") == fingerprint(cfg):
+def check_compatible(meta: dict, cfg: Config, where: Path, keys: tuple[str, ...] = TRAJECTORY_KEYS) -> None:
+    """Refuse to resume a run whose trajectory-defining config (`keys`) differs, saying what differs."""
+    if meta.get("fingerprint") == fingerprint(cfg, keys):
         return
     import tempfile
 
@@ -61,11 +68,11 @@ def check_compatible(meta: dict, cfg: Config, where: Path) -> None:
         saved = load_config(f.name)
     finally:
         Path(f.name).unlink(missing_ok=True)
-    if fingerprint(saved) == fingerprint(cfg):
+    if fingerprint(saved, keys) == fingerprint(cfg, keys):
         return  # written before a config field (with its default value here) was added to the schema
     def matters(line: str) -> bool:
         key = line.split(":")[0]
-        return any(key == k or key.startswith(k + ".") for k in TRAJECTORY_KEYS)
+        return any(key == k or key.startswith(k + ".") for k in keys)
 
     diffs = [d for d in diff_configs(saved, cfg) if matters(d)]
     raise IncompatibleResume(
@@ -75,16 +82,15 @@ def check_compatible(meta: dict, cfg: Config, where: Path) -> None:
 
 
 def restore(mgr: ocp.CheckpointManager, step: int, abstract_state, iterator):
-    out = mgr.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract_state),
-        data=grain.checkpoint.CheckpointRestore(iterator),
-        meta=ocp.args.JsonRestore(),
-    ))
+    items = {"state": ocp.args.StandardRestore(abstract_state), "meta": ocp.args.JsonRestore()}
+    if iterator is not None:
+        items["data"] = grain.checkpoint.CheckpointRestore(iterator)
+    out = mgr.restore(step, args=ocp.args.Composite(**items))
     return out["state"], out["meta"]
 
 
-def meta_record(cfg: Config, step: int, **extra) -> dict:
-    return {"step": int(step), "fingerprint": fingerprint(cfg), "config": dump_config(cfg),
+def meta_record(cfg: Config, step: int, keys: tuple[str, ...] = TRAJECTORY_KEYS, **extra) -> dict:
+    return {"step": int(step), "fingerprint": fingerprint(cfg, keys), "config": dump_config(cfg),
             "process_count": jax.process_count(), **extra}
 
 
