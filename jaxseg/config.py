@@ -222,7 +222,7 @@ class DataConfig(_Section):
 
 @dataclass(frozen=True)
 class ModelConfig(_Section):
-    arch: Literal["unet", "dlb_compact"] = "unet"
+    arch: Literal["unet"] = "unet"  # DeepLesionBrain builds its compact U-Net itself (jaxseg.dlb.model)
     features_base: int = 32
     features_max: int = 320
     n_stages: int | None = None
@@ -456,7 +456,7 @@ class SynthConfig(_Section):
 
 @dataclass(frozen=True)
 class DLBConfig(_Section):
-    """DeepLesionBrain (jaxseg.tiles): the tile grid, the ensemble's training and the fusion."""
+    """DeepLesionBrain (jaxseg.dlb): the tile grid, the ensemble's training and the fusion."""
 
     tiles_per_axis: int = 5
     tile_size: int = 96
@@ -497,7 +497,7 @@ class DLBConfig(_Section):
 
 @dataclass(frozen=True)
 class TransferConfig(_Section):
-    """The transfer-learning study (jaxseg.studies.transfer): roles by age in the synthetic cohort
+    """The transfer-learning study (jaxseg.neonatal.transfer): roles by age in the synthetic cohort
     (paper: oldest 100 -> 90 pre-train / 10 validation; youngest 120 -> 40 fine-tune / 80 test)."""
 
     n_old: int = 30                # oldest subjects: pre-training

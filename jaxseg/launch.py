@@ -146,29 +146,29 @@ def cmd_demo(args) -> None:
 
 
 def cmd_budget_study(args) -> None:
-    from jaxseg.studies.label_budget import run_label_budget
+    from jaxseg.neonatal.label_budget import run_label_budget
 
     out = run_label_budget(_config(args), args.workdir)
     print(f"label-budget table at {out['markdown']} ({out['timings']['total_s']:.0f} s)")
 
 
 def cmd_age_study(args) -> None:
-    from jaxseg.studies.age_unet import run_age_study
+    from jaxseg.neonatal.age_unet import run_age_study
 
     out = run_age_study(_config(args), args.workdir)
     print(f"AgeU-Net table at {out['markdown']} ({out['timings']['total_s']:.0f} s)")
 
 
 def cmd_transfer_study(args) -> None:
-    from jaxseg.studies.transfer import run_transfer_study
+    from jaxseg.neonatal.transfer import run_transfer_study
 
     out = run_transfer_study(_config(args), args.workdir)
     print(f"transfer-learning tables at {out['markdown']} ({out['timings']['total_s']:.0f} s)")
 
 
 def cmd_dlb_train(args) -> None:
-    from jaxseg.tiles.ensemble import tile_mesh
-    from jaxseg.tiles.train import train_dlb
+    from jaxseg.dlb.ensemble import tile_mesh
+    from jaxseg.dlb.train import train_dlb
 
     # The ensemble's networks sharded over every device (mesh axis `tile`); resumes a killed run.
     out = train_dlb(_config(args), args.workdir, mesh=tile_mesh())
@@ -176,15 +176,15 @@ def cmd_dlb_train(args) -> None:
 
 
 def cmd_dlb_predict(args) -> None:
-    from jaxseg.tiles.ensemble import tile_mesh
-    from jaxseg.tiles.train import predict_dlb
+    from jaxseg.dlb.ensemble import tile_mesh
+    from jaxseg.dlb.train import predict_dlb
 
     preds = predict_dlb(_config(args), args.workdir, args.output, args.case or None, mesh=tile_mesh())
     print(f"wrote {len(preds)} predictions to {args.output}")
 
 
 def cmd_dlb_ablation(args) -> None:
-    from jaxseg.tiles.ablation import run_ablation
+    from jaxseg.dlb.ablation import run_ablation
 
     if args.lesion_empty_pred:
         args.overrides = [*args.overrides, f"eval.lesion_empty_pred={args.lesion_empty_pred}"]

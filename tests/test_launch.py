@@ -65,7 +65,7 @@ def test_demo_end_to_end_tiny(tmp_path):
 @pytest.mark.parametrize("flags, want", [([], "zero"), (["--lesion-empty-pred", "nan"], "nan"),
                                          (["eval.lesion_empty_pred=nan"], "nan")])
 def test_dlb_ablation_empty_prediction_switch(tmp_path, monkeypatch, flags, want):
-    from jaxseg.tiles import ablation
+    from jaxseg.dlb import ablation
 
     seen = {}
 

@@ -13,7 +13,7 @@ from _tiny import tiny_cfg
 from jaxseg.config import ConfigError, load_config
 from jaxseg.data.pipeline import CaseSource
 from jaxseg.models import UNet3D, build_model, explicit_topology
-from jaxseg.studies import age_unet, transfer
+from jaxseg.neonatal import age_unet, transfer
 from jaxseg.train.checkpoint import load_params
 from jaxseg.train.loop import TrainingError, select_cases, train_and_evaluate
 

@@ -53,12 +53,7 @@ def segmentation_loss_fn(cfg: Config):
 
 def per_sample_losses(model, cfg: Config, params, image, label, mask, age=None, dropout_key=None):
     """(B,) losses of one forward pass: deep-supervised segmentation loss (+ age_weight * MSE)."""
-    if cfg.model.arch == "dlb_compact":
-        out = model.apply({"params": params}, image, train=dropout_key is not None,
-                          rngs={"dropout": dropout_key} if dropout_key is not None else {})
-        out = UNetOutput([out], None)
-    else:
-        out = model.apply({"params": params}, image)
+    out = model.apply({"params": params}, image)
     weights = ds_weights(len(out.seg), cfg.loss.ds_weights)
     losses = deep_supervision_loss(segmentation_loss_fn(cfg), out.seg, label, mask, weights=weights,
                                    mode=cfg.loss.ds_mode)
@@ -108,7 +103,7 @@ def make_step(model, cfg: Config, optimizer, aug: AugmentParams, patch_size, axi
         aug_keys, drop_keys = split[:, 0], split[:, 1]
         image, label, mask = jax.vmap(augment_sample, in_axes=(0, 0, 0, 0, None, None))(
             aug_keys, batch["image"], batch["label"], batch["mask"], aug, patch_size)
-        dropout_key = drop_keys[0] if cfg.model.dropout > 0 or cfg.model.arch == "dlb_compact" else None
+        dropout_key = drop_keys[0] if cfg.model.dropout > 0 else None
 
         def objective(params):
             losses = per_sample_losses(model, cfg, params, image, label, mask, batch.get("age"), dropout_key)

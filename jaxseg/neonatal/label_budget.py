@@ -41,7 +41,7 @@ from jaxseg.evaluation.plots import save_figure
 from jaxseg.config import Config, save_config
 from jaxseg.data.budget import AXES, slice_budget
 from jaxseg.fileio import atomic_path, write_text_atomic
-from jaxseg.studies.common import BACKGROUND, case_dice, evaluate_split, fmt as _fmt, image_folder, tissue_cohort
+from jaxseg.neonatal.common import BACKGROUND, case_dice, evaluate_split, fmt as _fmt, image_folder, tissue_cohort
 
 # (row, data.label_budget.enabled, data.label_budget.axis); the paper's row order.
 SETTINGS = (

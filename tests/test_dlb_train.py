@@ -12,8 +12,8 @@ from jaxseg.config import load_config
 from jaxseg.data.io import DataError
 from jaxseg.data.prepare import prepare
 from jaxseg.data.synth import write_cohort
-from jaxseg.tiles.grid import make_grid
-from jaxseg.tiles.train import (
+from jaxseg.dlb.grid import make_grid
+from jaxseg.dlb.train import (
     PoolSampler,
     gather,
     load_cases,
@@ -144,7 +144,7 @@ def test_resume_refuses_a_changed_config(cohort, tmp_path):
 
 def test_stages_use_the_core_optimiser(cohort, tmp_path, monkeypatch):
     """optim.kind / schedule / weight decay reach the DLB stages (jaxseg.train.optim.make_optimizer)."""
-    import jaxseg.tiles.train as dlb_train
+    import jaxseg.dlb.train as dlb_train
 
     seen = []
     real = dlb_train.make_optimizer
@@ -165,7 +165,7 @@ def test_sigkill_mid_stage_then_rerun_matches_uninterrupted_run(cohort, tmp_path
 
     from test_kill_resume import finished_steps, kill_group, start
 
-    from jaxseg.tiles.train import stage_params
+    from jaxseg.dlb.train import stage_params
 
     cache = tmp_path_factory.mktemp("xla_cache_dlb")
     overrides = [f"data.dataset={cohort / 'raw'}", f"data.store={cohort / 'store'}", "model.features_base=4",

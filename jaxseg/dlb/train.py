@@ -37,10 +37,10 @@ from jaxseg.data.augment import PRESETS
 from jaxseg.data.io import DataError, save_nifti
 from jaxseg.data.prepare import restore_geometry
 from jaxseg.fileio import write_text_atomic
-from jaxseg.models import build_model
-from jaxseg.tiles import ensemble as ens
-from jaxseg.tiles.grid import TileGrid, make_grid
-from jaxseg.tiles.predict import make_predictor
+from jaxseg.dlb.model import build_model
+from jaxseg.dlb import ensemble as ens
+from jaxseg.dlb.grid import TileGrid, make_grid
+from jaxseg.dlb.predict import make_predictor
 from jaxseg.train import checkpoint as ckpt
 from jaxseg.train.optim import make_optimizer
 from jaxseg.train.step import segmentation_loss_fn

@@ -30,7 +30,7 @@ from jaxseg.config import Config
 from jaxseg.data import store
 from jaxseg.evaluation import metrics as M
 from jaxseg.fileio import atomic_path, write_text_atomic
-from jaxseg.tiles.train import predict_dlb, split_cases, train_dlb
+from jaxseg.dlb.train import predict_dlb, split_cases, train_dlb
 
 METRICS = ("hybrid", "dice", "ppv", "tpr", "lfpr", "ltpr", "corr")
 VARIANTS = (  # (row label, run folder, dlb.method, data.augment)

@@ -36,7 +36,7 @@ import numpy as np
 from jaxseg.config import Config, save_config
 from jaxseg.evaluation.plots import save_figure
 from jaxseg.fileio import atomic_path, write_text_atomic
-from jaxseg.studies.common import fmt, image_folder, mean_scores, score_cases, tissue_cohort, write_age_effect
+from jaxseg.neonatal.common import fmt, image_folder, mean_scores, score_cases, tissue_cohort, write_age_effect
 
 # (row, model.age_head, own head lr, centred head); the order of the table.
 VARIANTS = (

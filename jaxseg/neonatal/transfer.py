@@ -44,7 +44,7 @@ import numpy as np
 from jaxseg.config import Config, save_config
 from jaxseg.evaluation.plots import save_figure
 from jaxseg.fileio import atomic_path, write_text_atomic
-from jaxseg.studies.common import BACKGROUND, fmt, image_folder, score_cases, tissue_cohort, write_age_effect
+from jaxseg.neonatal.common import BACKGROUND, fmt, image_folder, score_cases, tissue_cohort, write_age_effect
 
 FINETUNED = ("shallow", "medium", "deep", "full")
 
