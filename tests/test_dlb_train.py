@@ -74,7 +74,9 @@ def cohort(tmp_path_factory):
 
 
 def tiny_cfg(root, *extra):
-    return load_config("configs/dlb_ablation_synth.yaml", [
+    from jaxseg.dlb.config import DLBAblationConfig
+
+    return load_config("configs/dlb_ablation_synth.yaml", schema=DLBAblationConfig, overrides=[
         f"data.dataset={root / 'raw'}", f"data.store={root / 'store'}", "model.features_base=4",
         "model.norm_groups=2", "dlb.tile_size=16", "dlb.tiles_per_axis=3",
         "dlb.generic_steps_per_epoch=1", "dlb.generic_max_epochs=2", "dlb.steps_per_epoch=1", "dlb.max_epochs=1",
@@ -96,7 +98,11 @@ def test_train_then_predict_writes_nifti_in_input_geometry(cohort, tmp_path):
     cfg = tiny_cfg(cohort)
     summary = train_dlb(cfg, tmp_path / "run", log=lambda *_: None)
     assert summary["generic"]["epochs"] == 2 and summary["ensemble"]["epochs"] == 1
-    assert (tmp_path / "run" / "ensemble" / "ckpt").is_dir() and (tmp_path / "run" / "config.yaml").is_file()
+    assert (tmp_path / "run" / "ensemble" / "ckpt").is_dir()
+    # the run's config holds the sections it uses: the core's and dlb, not the ablation's cohort
+    sections = {line.split(":")[0] for line in (tmp_path / "run" / "config.yaml").read_text().splitlines()
+                if line and not line.startswith((" ", "#"))}
+    assert "dlb" in sections and "data" in sections and not sections & {"synth", "transfer"}
     hist = json.loads((tmp_path / "run" / "ensemble" / "history.json").read_text())
     assert hist["networks"] == 18 and len(hist["best_val_loss"]) == 18
     preds = predict_dlb(cfg, tmp_path / "run", tmp_path / "pred", log=lambda *_: None)
@@ -169,12 +175,13 @@ def test_sigkill_mid_stage_then_rerun_matches_uninterrupted_run(cohort, tmp_path
 
     cache = tmp_path_factory.mktemp("xla_cache_dlb")
     overrides = [f"data.dataset={cohort / 'raw'}", f"data.store={cohort / 'store'}", "model.features_base=4",
-                 "model.norm_groups=2", "dlb.tile_size=16", "dlb.tiles_per_axis=2", "dlb.train_sites=null",
+                 "model.norm_groups=2", "dlb.tile_size=16", "dlb.tiles_per_axis=2", "dlb.stride=null", "dlb.offset=null",
+                 "dlb.train_sites=null",
                  "dlb.generic_steps_per_epoch=1", "dlb.generic_max_epochs=1", "dlb.generic_batch_size=2",
                  "dlb.steps_per_epoch=1", "dlb.max_epochs=8", "dlb.patience=8", "dlb.group_size=1"]
 
     def cmd(workdir):
-        return [sys.executable, "-m", "jaxseg.launch", "dlb-train", "--config", "configs/dlb_ablation_synth.yaml",
+        return [sys.executable, "-m", "jaxseg.launch", "dlb-train", "--config", "configs/dlb_msseg.yaml",
                 "--workdir", str(workdir), *overrides]
 
     def run_to_end(workdir, log):

@@ -8,11 +8,26 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxseg.config import ConfigError, load_config
+from jaxseg.config import ConfigError
+from jaxseg.config import load_config as _load_config
 from jaxseg.losses import deep_supervision_loss, dice_ce
-from jaxseg.neonatal.label_budget import (COLUMNS, SETTINGS, case_dice, labelled_counts, n_full_subjects,
-                                         setting_config, table_markdown, write_table)
+from jaxseg.neonatal.config import NeonatalConfig
+from jaxseg.neonatal.label_budget import (
+    COLUMNS,
+    SETTINGS,
+    case_dice,
+    labelled_counts,
+    n_full_subjects,
+    setting_config,
+    table_markdown,
+    write_table,
+)
 from jaxseg.train.loop import kfold_split, limit_cases
+
+
+def load_config(path, overrides=()):
+    """The neonatal studies' config (core + synth + transfer sections)."""
+    return _load_config(path, overrides, NeonatalConfig)
 
 IDS = [f"case_{i:03d}" for i in range(30)]
 

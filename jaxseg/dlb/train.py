@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxseg import locks
-from jaxseg.config import Config, save_config
+from jaxseg.config import restrict, save_config
 from jaxseg.data import store
 from jaxseg.data.augment import PRESETS
 from jaxseg.data.io import DataError, save_nifti
@@ -44,13 +44,14 @@ from jaxseg.dlb.predict import make_predictor
 from jaxseg.train import checkpoint as ckpt
 from jaxseg.train.optim import make_optimizer
 from jaxseg.train.step import segmentation_loss_fn
+from jaxseg.dlb.config import DLBRunConfig
 
 Pick = tuple[int, int]  # (case index, tile index)
 
 
 # ----------------------------------------------------------------------------------------- data
 
-def split_cases(store_root, cfg: Config) -> dict[str, list[str]]:
+def split_cases(store_root, cfg: DLBRunConfig) -> dict[str, list[str]]:
     """train / val / test case ids from the store: test = split "test"; the rest, restricted to
     ``dlb.train_sites``, split into train and val (``val_fraction``, seeded)."""
     root = Path(store_root)
@@ -96,7 +97,7 @@ def load_cases(store_root, case_ids: Sequence[str]) -> tuple[np.ndarray, np.ndar
     return np.stack(images), np.stack(labels), metas
 
 
-def grid_for(cfg: Config, shape) -> TileGrid:
+def grid_for(cfg: DLBRunConfig, shape) -> TileGrid:
     d = cfg.dlb
     return make_grid(shape, d.tile_size, d.tiles_per_axis, d.stride, d.offset)
 
@@ -233,7 +234,7 @@ def _on_mesh(tree, n_pad: int, mesh):
     return ens.shard_networks(ens.pad_networks(tree, n_pad), mesh)
 
 
-def _resume(mgr, cfg: Config, workdir: Path, target):
+def _resume(mgr, cfg: DLBRunConfig, workdir: Path, target):
     """(restored {"params", "train"}, meta) of a stage's last checkpoint, or None; a checkpoint written
     with a different trajectory-defining config is refused (jaxseg.train.checkpoint.check_compatible)."""
     latest = mgr.latest_step()
@@ -243,7 +244,7 @@ def _resume(mgr, cfg: Config, workdir: Path, target):
     return ckpt.restore(mgr, latest, target, None)
 
 
-def train_stage(name: str, model, cfg: Config, workdir: Path, images, labels, grid: TileGrid,
+def train_stage(name: str, model, cfg: DLBRunConfig, workdir: Path, images, labels, grid: TileGrid,
                 pools: list[list[Pick]], vpools: list[list[Pick]], val_images, val_labels, params, *,
                 batch: int, steps_per_epoch: int, max_epochs: int, patience: int, seed: int,
                 mesh=None, log=print) -> tuple[object, dict]:
@@ -333,7 +334,7 @@ def stage_params(workdir, stage: str):
     return params
 
 
-def check_resumable(cfg: Config, workdir: Path) -> None:
+def check_resumable(cfg: DLBRunConfig, workdir: Path) -> None:
     """Refuse, before anything is written, a workdir whose stage checkpoints came from another config."""
     for stage in ("generic", "ensemble"):
         directory = workdir / stage / "ckpt"
@@ -344,7 +345,7 @@ def check_resumable(cfg: Config, workdir: Path) -> None:
                     ckpt.check_compatible(ckpt.read_meta(mgr, latest), cfg, workdir, TRAJECTORY_KEYS)
 
 
-def train_dlb(cfg: Config, workdir, *, mesh=None, log=print) -> dict:
+def train_dlb(cfg: DLBRunConfig, workdir, *, mesh=None, log=print) -> dict:
     """Both stages as ``cfg.dlb.method`` says; returns a summary (also written to workdir/train.json).
 
     A killed run resumes from its stages' checkpoints. ``mesh`` (`launch dlb-train` builds the tile mesh
@@ -354,11 +355,11 @@ def train_dlb(cfg: Config, workdir, *, mesh=None, log=print) -> dict:
     workdir = Path(workdir)
     check_resumable(cfg, workdir)
     with locks.hold(workdir, f"dlb-train {cfg.experiment}", "--workdir"):
-        save_config(cfg, workdir / "config.yaml")
+        save_config(restrict(cfg, DLBRunConfig), workdir / "config.yaml")  # no synth section (ablation)
         return _train_dlb(cfg, workdir, mesh=mesh, log=log)
 
 
-def _train_dlb(cfg: Config, workdir: Path, *, mesh, log) -> dict:
+def _train_dlb(cfg: DLBRunConfig, workdir: Path, *, mesh, log) -> dict:
     d = cfg.dlb
     split = split_cases(cfg.data.store, cfg)
     images, labels, _ = load_cases(cfg.data.store, split["train"])
@@ -407,7 +408,7 @@ def _train_dlb(cfg: Config, workdir: Path, *, mesh, log) -> dict:
 
 # ------------------------------------------------------------------------------------ prediction
 
-def predictor_for(cfg: Config, workdir, shape, *, mesh=None):
+def predictor_for(cfg: DLBRunConfig, workdir, shape, *, mesh=None):
     """(predict(volume) -> (labels, scores), grid) from the parameters a `train_dlb` run left in workdir."""
     workdir = Path(workdir)
     grid = grid_for(cfg, shape)
@@ -423,7 +424,7 @@ def predictor_for(cfg: Config, workdir, shape, *, mesh=None):
     return (lambda volume: fn(params, volume)), grid
 
 
-def predict_dlb(cfg: Config, workdir, out_dir, case_ids: Sequence[str] | None = None, *, mesh=None,
+def predict_dlb(cfg: DLBRunConfig, workdir, out_dir, case_ids: Sequence[str] | None = None, *, mesh=None,
                 log=print) -> list[dict]:
     """Segment store cases (default: the test split) and write NIfTI label maps in each input's geometry."""
     out_dir = Path(out_dir)

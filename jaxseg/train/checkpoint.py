@@ -65,7 +65,7 @@ def check_compatible(meta: dict, cfg: Config, where: Path, keys: tuple[str, ...]
     with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:
         f.write(meta["config"])
     try:
-        saved = load_config(f.name)
+        saved = load_config(f.name, schema=type(cfg), ignore_sections=True)  # older runs held method sections
     finally:
         Path(f.name).unlink(missing_ok=True)
     if fingerprint(saved, keys) == fingerprint(cfg, keys):

@@ -23,7 +23,6 @@ from jaxseg.data.augment import AugmentParams, augment_sample
 from jaxseg.losses import cross_entropy, dice_ce, generalised_jaccard, mse, soft_dice
 from jaxseg.losses import dro
 from jaxseg.losses.deep_supervision import deep_supervision_loss, ds_weights
-from jaxseg.models import UNetOutput
 
 
 @flax.struct.dataclass

@@ -1,0 +1,64 @@
+"""DeepLesionBrain's config section (``dlb``) and its run config: the core config plus ``dlb``.
+
+`dlb-train` / `dlb-predict` load :class:`DLBRunConfig`; `dlb-ablation` also writes the synthetic cohort
+(:class:`DLBAblationConfig`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from jaxseg.config import Config, SynthRunConfig
+from jaxseg.config.convert import _check, _Section
+
+
+@dataclass(frozen=True)
+class DLBConfig(_Section):
+    """DeepLesionBrain (jaxseg.dlb): the tile grid, the ensemble's training and the fusion."""
+
+    tiles_per_axis: int = 5
+    tile_size: int = 96
+    stride: tuple[int, int, int] | None = None  # null = tiles spread evenly; reference MNI grid [20, 29, 20]
+    offset: tuple[int, int, int] | None = None  # null = centred; reference MNI grid [4, 4, 0]
+    method: Literal["hsl", "independent", "generic"] = "hsl"
+    lesion_only: bool = True
+    batch_size: int = 1
+    generic_batch_size: int = 1
+    steps_per_epoch: int | None = None
+    generic_steps_per_epoch: int | None = None
+    max_epochs: int = 500
+    patience: int = 50
+    generic_max_epochs: int = 500
+    generic_patience: int = 50
+    val_fraction: float = 0.2
+    val_max_subvolumes: int = 64
+    train_sites: tuple[str, ...] | None = None
+    group_size: int = 25
+    fusion: Literal["mean_prob", "majority_vote"] = "mean_prob"
+
+    def _validate(self) -> None:
+        _check(self.tiles_per_axis >= 1, "tiles_per_axis", f"must be >= 1, got {self.tiles_per_axis}")
+        _check(self.tile_size >= 8 and self.tile_size % 8 == 0, "tile_size",
+               f"must be a positive multiple of 8 (the compact U-Net pools 3 times), got {self.tile_size}")
+        for name in ("batch_size", "generic_batch_size", "max_epochs", "patience", "generic_max_epochs",
+                     "generic_patience", "group_size", "val_max_subvolumes"):
+            _check(getattr(self, name) >= 1, name, f"must be >= 1, got {getattr(self, name)}")
+        for name in ("steps_per_epoch", "generic_steps_per_epoch"):
+            v = getattr(self, name)
+            _check(v is None or v >= 1, name, f"must be >= 1 or null, got {v}")
+        _check(0.0 < self.val_fraction < 1.0, "val_fraction", f"must be in (0, 1), got {self.val_fraction!r}")
+        if self.stride is not None:
+            _check(all(v >= 0 for v in self.stride), "stride", f"must be >= 0, got {self.stride}")
+        if self.offset is not None:
+            _check(all(v >= 0 for v in self.offset), "offset", f"must be >= 0, got {self.offset}")
+
+
+@dataclass(frozen=True)
+class DLBRunConfig(Config):
+    dlb: DLBConfig = field(default_factory=DLBConfig)
+
+
+@dataclass(frozen=True)
+class DLBAblationConfig(DLBRunConfig, SynthRunConfig):
+    """The ablation: the synthetic MS-like cohort (``synth``) and the DLB runs on it."""

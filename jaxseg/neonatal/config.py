@@ -1,0 +1,47 @@
+"""The neonatal studies' config: the core config, the synthetic tissue cohort (``synth``) they write,
+and the transfer-learning study's section (``transfer``)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from jaxseg.config import SynthRunConfig
+from jaxseg.config.convert import _check, _Section
+
+
+@dataclass(frozen=True)
+class TransferConfig(_Section):
+    """The transfer-learning study (jaxseg.neonatal.transfer): roles by age in the synthetic cohort
+    (paper: oldest 100 -> 90 pre-train / 10 validation; youngest 120 -> 40 fine-tune / 80 test)."""
+
+    n_old: int = 30                # oldest subjects: pre-training
+    n_old_val: int = 4             # of which validation (the pre-trained model's best checkpoint)
+    n_young: int = 30              # youngest subjects: fine-tuning and test
+    n_finetune: int = 10           # of which fine-tuning (drawn with data.split_seed); the rest test
+    seeds: tuple[int, ...] = (0, 1, 2)
+    strategies: tuple[Literal["none", "shallow", "medium", "deep", "full", "scratch"], ...] = (
+        "none", "shallow", "medium", "deep", "full", "scratch")
+    finetune_steps: int = 100      # fine-tuning and from-scratch runs alike (train.* sets pre-training)
+    finetune_lr: float = 1e-3      # the paper's fine-tuning lr (SPEC 3)
+    scratch_lr: float | None = None  # null: optim.lr (a fresh network, as pre-training)
+
+    def _validate(self) -> None:
+        _check(self.n_old >= 2, "n_old", f"must be >= 2, got {self.n_old}")
+        _check(1 <= self.n_old_val < self.n_old, "n_old_val", f"must be in [1, n_old), got {self.n_old_val}", "n_old")
+        _check(self.n_young >= 2, "n_young", f"must be >= 2, got {self.n_young}")
+        _check(1 <= self.n_finetune < self.n_young, "n_finetune",
+               f"must be in [1, n_young) (the rest are the test set), got {self.n_finetune}", "n_young")
+        _check(len(self.seeds) >= 1 and len(set(self.seeds)) == len(self.seeds), "seeds",
+               f"must be distinct and not empty, got {list(self.seeds)}")
+        _check(len(self.strategies) >= 1 and len(set(self.strategies)) == len(self.strategies), "strategies",
+               f"must be distinct and not empty, got {list(self.strategies)}")
+        _check(self.finetune_steps >= 1, "finetune_steps", f"must be >= 1, got {self.finetune_steps}")
+        _check(self.finetune_lr > 0, "finetune_lr", f"must be > 0, got {self.finetune_lr}")
+        if self.scratch_lr is not None:
+            _check(self.scratch_lr > 0, "scratch_lr", f"must be > 0 or null, got {self.scratch_lr}")
+
+
+@dataclass(frozen=True)
+class NeonatalConfig(SynthRunConfig):
+    transfer: TransferConfig = field(default_factory=TransferConfig)
