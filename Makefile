@@ -16,9 +16,15 @@ $(BIN)/activate:
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 
-# On Python 3.12 the registry's torch is its CUDA build (about 50 s to install here); it runs the parity
-# tests on the CPU. dynamic-network-architectures with --no-deps: its timm -> torchvision chain is not needed.
-$(VENV)/.installed: $(BIN)/activate pyproject.toml
+# jaxseg and its core packages: all the demo needs.
+$(VENV)/.core: $(BIN)/activate pyproject.toml
+	$(BIN)/pip install -q -e .
+	touch $@
+
+# The tests add torch, MONAI and nnU-Net's networks. On Python 3.12 the registry's torch is its CUDA build
+# (about 50 s to install here); it runs the parity tests on the CPU. dynamic-network-architectures with
+# --no-deps: its timm -> torchvision chain is not needed.
+$(VENV)/.installed: $(VENV)/.core
 	$(BIN)/pip install -q "torch==2.13.0"
 	$(BIN)/pip install -q -e ".[test]"
 	$(BIN)/pip install -q --no-deps "dynamic-network-architectures==0.4.4"
@@ -32,5 +38,5 @@ test: install
 bench-models: install
 	$(BIN)/python benchmarks/model_cpu.py --out benchmarks/results/model_cpu.json
 
-demo: install
+demo: $(VENV)/.core
 	$(BIN)/python -m jaxseg.launch demo --config configs/demo.yaml --workdir runs/demo

@@ -60,22 +60,30 @@ def run_demo(cfg: SynthRunConfig, workdir: str | Path, *, progress: bool = True)
     dataset = read_dataset(raw)
     test_labels = {c.case_id: c.label for c in dataset.cases if c.split == "test"}
     strata = {c.case_id: c.stratum for c in dataset.cases}
-    rows, curves = [], {}
-    for method, dro_on in METHODS:
-        run_dir = workdir / method.lower()
-        run_cfg = dataclasses.replace(cfg, experiment=f"{cfg.experiment}-{method.lower()}",
-                                      dro=dataclasses.replace(cfg.dro, enabled=dro_on))
-        t = time.perf_counter()
-        train_and_evaluate(run_cfg, run_dir, progress=progress)
-        timings[f"train_{method}_s"] = time.perf_counter() - t
-        t = time.perf_counter()
-        pred_dir = run_dir / "predictions"
-        predict_with_runs([run_dir], raw, pred_dir, splits=["test"], progress=progress, skip_existing=True)
-        timings[f"predict_{method}_s"] = time.perf_counter() - t
-        method_rows = evaluate_folder(pred_dir, test_labels, dataset.labels, strata=strata, method=method)
-        write_case_csv(method_rows, run_dir / "metrics.csv")
-        rows.extend(method_rows)
-        curves[method] = _read_curve(run_dir)
+    seeds = list(cfg.seeds) if cfg.seeds is not None else [cfg.seed]
+    rows, curves, runs = [], {}, {}
+    for seed in seeds:
+        for method, dro_on in METHODS:
+            # one run directory per method and seed: <workdir>/<method>/seed<N>
+            run_dir = workdir / method.lower() / f"seed{seed}"
+            runs[method, seed] = run_dir
+            run_cfg = dataclasses.replace(cfg, experiment=f"{cfg.experiment}-{method.lower()}-seed{seed}",
+                                          seed=seed, seeds=None,
+                                          dro=dataclasses.replace(cfg.dro, enabled=dro_on))
+            t = time.perf_counter()
+            train_and_evaluate(run_cfg, run_dir, progress=progress)
+            timings[f"train_{method}_seed{seed}_s"] = time.perf_counter() - t
+            t = time.perf_counter()
+            pred_dir = run_dir / "predictions"
+            predict_with_runs([run_dir], raw, pred_dir, splits=["test"], progress=progress, skip_existing=True)
+            timings[f"predict_{method}_seed{seed}_s"] = time.perf_counter() - t
+            method_rows = evaluate_folder(pred_dir, test_labels, dataset.labels, strata=strata, method=method)
+            for r in method_rows:
+                r["seed"] = seed
+            write_case_csv(method_rows, run_dir / "metrics.csv")
+            rows.extend(method_rows)
+            if seed == seeds[0]:  # the curves of the first seed (one line per method in the plots)
+                curves[method] = _read_curve(run_dir)
     write_case_csv(rows, workdir / "metrics.csv")
 
     # The worst test case of each method, with reference and prediction contours.
@@ -83,19 +91,20 @@ def run_demo(cfg: SynthRunConfig, workdir: str | Path, *, progress: bool = True)
     dice_keys = [k for k in rows[0] if k.startswith("dice_")]
     for method, _ in METHODS:
         mine = [r for r in rows if r["method"] == method]
-        worst = min(mine, key=lambda r: np.nanmean([r[k] for k in dice_keys]))
+        worst = min(mine, key=lambda r: np.nanmean([r[k] for k in dice_keys]))  # over every seed
         image, _, _ = load_nifti(raw / "imagesTs" / f"{worst['case']}_0000.nii.gz")
         ref, _, _ = load_nifti(raw / "labelsTs" / f"{worst['case']}.nii.gz")
-        pred, _, _ = load_nifti(workdir / method.lower() / "predictions" / f"{worst['case']}.nii.gz")
+        pred, _, _ = load_nifti(runs[method, worst["seed"]] / "predictions" / f"{worst['case']}.nii.gz")
         overlays.append(worst_case_overlays(image, ref.astype(int), pred.astype(int),
                                             workdir / "plots" / f"worst_{method}.png",
-                                            title=f"{method}: worst test case {worst['case']} ({worst['stratum']})"))
+                                            title=f"{method}: worst test case {worst['case']} ({worst['stratum']}, seed {worst['seed']})"))
 
     erm_rate, dro_rate = _steps_per_s(curves["ERM"]), _steps_per_s(curves["DRO"])
     timings["dro_overhead_per_step_pct"] = 100.0 * (erm_rate / dro_rate - 1.0)
     run_md = "\n".join([
         "| stage | seconds |", "| --- | --- |",
         *[f"| {k[:-2]} | {v:.1f} |" for k, v in timings.items() if k.endswith("_s")],
+        "", f"Training seeds: {seeds}; curves and steps/s of seed {seeds[0]}.",
         "", f"Training steps/s (median, compile excluded): ERM {erm_rate:.3f}, DRO {dro_rate:.3f}: DRO costs "
             f"{timings['dro_overhead_per_step_pct']:+.1f}% per step.",
         "", f"Config: `{workdir / 'config.yaml'}`; per-case metrics: `{workdir / 'metrics.csv'}`."])

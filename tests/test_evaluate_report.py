@@ -18,7 +18,7 @@ from jaxseg.evaluation.evaluate import (
     read_case_csv,
     write_case_csv,
 )
-from jaxseg.evaluation.report import compare_methods, stratified_table, write_report
+from jaxseg.evaluation.report import compare_methods, compare_over_seeds, stratified_table, write_report
 
 SHAPE = (12, 10, 8)
 SPACING = (1.0, 1.5, 2.0)
@@ -334,3 +334,35 @@ def test_training_curve_panels_skip_flat_values_and_keep_validation(tmp_path):
     assert P.curve_keys(curves) == ["loss", "grad_norm", "val_dice"]
     assert P.training_curves(curves, tmp_path / "c.png").stat().st_size > 1000
     assert P.sampling_shares(curves, tmp_path / "s.png") is None  # nothing of the kind was logged
+    assert P.keyed_curves(curves, "val_dice_class", tmp_path / "k.png") is None
+    curves["ERM"].append({"step": 10, "val_dice": 0.6, "val_dice_class": {"csf": 0.5, "wm": 0.7}})
+    assert P.keyed_curves(curves, "val_dice_class", tmp_path / "k.png").stat().st_size > 1000
+
+
+def test_compare_over_seeds_mean_sd_and_spread_flag(tmp_path):
+    rng = np.random.default_rng(3)
+    cases = [f"c{i}" for i in range(12)]
+    rows, vals = [], {}
+    for seed in (0, 1, 2):
+        for method, shift in (("ERM", 0.0), ("DRO", 0.2)):
+            v = rng.uniform(0.3, 0.7, len(cases)) + shift  # DRO clearly better in "a", not in "b"
+            w = rng.uniform(0.3, 0.7, len(cases))
+            vals[seed, method] = (v, w)
+            rows += [{"case": c, "method": method, "seed": seed, "stratum": "s", "dice_a": float(x),
+                      "dice_b": float(y)} for c, x, y in zip(cases, v, w)]
+    out = {(r["stratum"], r["structure"]): r for r in compare_over_seeds(rows, ("ERM", "DRO"))}
+    for k, st in enumerate(("a", "b")):
+        r = out["s", st]
+        assert r["seeds"] == 3 and r["n"] == 12
+        for m in ("ERM", "DRO"):
+            p10 = [np.percentile(vals[sd, m][k], 10) for sd in (0, 1, 2)]
+            means = [np.mean(vals[sd, m][k]) for sd in (0, 1, 2)]
+            assert math.isclose(r[f"{m}_p10"], np.mean(p10), rel_tol=1e-9)
+            assert math.isclose(r[f"{m}_p10_sd"], np.std(p10, ddof=1), rel_tol=1e-9)
+            assert math.isclose(r[f"{m}_mean"], np.mean(means), rel_tol=1e-9)
+        assert math.isclose(r["diff_mean"], r["DRO_mean"] - r["ERM_mean"], abs_tol=1e-12)
+        assert r["exceeds_mean"] == (abs(r["diff_mean"]) > r["ERM_mean_sd"] + r["DRO_mean_sd"])
+    assert out["s", "a"]["exceeds_mean"]
+    # the report shows the over-seeds table (mean ± SD, * on the spread-exceeding Δ) instead of pooling
+    md = write_report(tmp_path, rows, methods=["ERM", "DRO"])["markdown"].read_text()
+    assert "over 3 training seeds" in md and " ± " in md and " *" in md

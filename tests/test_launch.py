@@ -4,6 +4,7 @@ import sys
 
 import pytest
 
+from jaxseg.config import load_config
 from jaxseg.launch import main
 
 COMMANDS = ("synth", "prepare", "train", "predict", "evaluate", "demo")
@@ -48,18 +49,20 @@ def test_demo_end_to_end_tiny(tmp_path):
     overrides = ["synth.n_subjects=14", "synth.n_test=4", "synth.spacing=6.0", "data.patch_size=[16,16,16]",
                  "model.features_base=4", "model.features_max=8", "train.epochs=1", "data.batch_size=8",
                  "train.steps_per_epoch=2", "train.val_every=1", "data.threads=1", "data.augment=none",
-                 "dro.log_every=1"]
+                 "dro.log_every=1", "seeds=[0,1]"]
     assert main(["demo", "--workdir", str(tmp_path / "demo"), *overrides]) == 0
     work = tmp_path / "demo"
     md = (work / "report.md").read_text()
-    assert "ERM" in md and "DRO" in md and "p5" in md
+    assert "ERM" in md and "DRO" in md and "p5" in md and "over 2 training seeds" in md
     assert (work / "report.html").stat().st_size > 1000
     timings = json.loads((work / "timings.json").read_text())
-    assert timings["train_ERM_s"] > 0 and timings["train_DRO_s"] > 0
     for method in ("erm", "dro"):
-        assert len(list((work / method / "predictions").glob("*.nii.gz"))) == 4
+        for seed in (0, 1):
+            assert timings[f"train_{method.upper()}_seed{seed}_s"] > 0
+            assert len(list((work / method / f"seed{seed}" / "predictions").glob("*.nii.gz"))) == 4
+            assert load_config(work / method / f"seed{seed}" / "config.yaml").seed == seed
     rows = (work / "metrics.csv").read_text().splitlines()
-    assert len(rows) == 1 + 2 * 4
+    assert len(rows) == 1 + 2 * 2 * 4
 
 
 @pytest.mark.parametrize("flags, want", [([], "zero"), (["--lesion-empty-pred", "nan"], "nan"),

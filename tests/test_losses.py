@@ -408,3 +408,98 @@ def test_deep_supervision_upsample_outputs_shapes_and_values():
         lambda os, lab, m: deep_supervision_loss(dice_ce, os, lab, m, weights=w, mode="upsample_outputs")
     )
     np.testing.assert_allclose(np.asarray(jitted(outputs, labels, mask)), got, rtol=1e-5)
+
+
+# ------------------------------------------------------- the neonatal reference code's loss (Richter & Fetit)
+# MONAI DiceCELoss(to_onehot_y=False, sigmoid=True, squared_pred=True) on one-hot labels, DynUNet's deep
+# supervision heads upsampled to full size with `interpolate` (nearest), weights 0.5^i unnormalised.
+REFERENCE_LOSS = ["loss.dice_activation=sigmoid", "loss.dice_squared=true", "loss.dice_background=true",
+                  "loss.ds_mode=upsample_outputs", "loss.ds_upsample=nearest", "loss.ds_weights=neonatal"]
+VARIANT = {"activation": "sigmoid", "squared": True, "include_background": True}
+NNUNET = {"activation": "softmax", "squared": False, "include_background": False}
+
+
+def _np_reference_dice(logits, labels, mask=None, smooth=1e-5):
+    """Per-sample mean over all classes of (2 sum p t + s) / (sum p^2 + sum t^2 + s), p = sigmoid, float64."""
+    p = 1.0 / (1.0 + np.exp(-logits.astype(np.float64)))
+    t = np.eye(logits.shape[-1])[labels]
+    w = np.ones(labels.shape) if mask is None else mask.astype(np.float64)
+    w = w[..., None]
+    axes = (1, 2, 3)
+    inter = (p * t * w).sum(axes)
+    den = (p * p * w).sum(axes) + (t * t * w).sum(axes)
+    return ((2 * inter + smooth) / (den + smooth)).mean(-1)
+
+
+def test_reference_dice_variant_against_numpy():
+    logits, labels = _rand(21)
+    mask = np.random.default_rng(22).random(labels.shape) < 0.6
+    for m in (None, mask):
+        got = np.asarray(soft_dice(logits, labels, m, **VARIANT))
+        np.testing.assert_allclose(got, _np_reference_dice(logits, labels, m), rtol=1e-5)
+    # each switch alone changes the value (the three are independent keys)
+    base = np.asarray(soft_dice(logits, labels, mask, **VARIANT))
+    for key in VARIANT:
+        other = {**VARIANT, key: NNUNET[key]}
+        assert not np.allclose(np.asarray(soft_dice(logits, labels, mask, **other)), base)
+    with pytest.raises(ValueError, match="activation"):
+        soft_dice(logits, labels, activation="tanh")
+
+
+def test_reference_dice_variant_gradient_against_finite_differences(x64):
+    logits, labels = _rand(23, shape=(2, 4, 4, 4))
+    logits = logits.astype(np.float64)
+    mask = np.random.default_rng(24).random(labels.shape) < 0.6
+    g = np.asarray(jax.grad(lambda z: soft_dice(z, labels, mask, **VARIANT).sum())(jnp.asarray(logits)))
+    rng = np.random.default_rng(25)
+    eps = 1e-6
+    for _ in range(12):
+        j = tuple(int(rng.integers(0, n)) for n in logits.shape)
+        e = np.zeros_like(logits)
+        e[j] = eps
+        fd = (_np_reference_dice(logits + e, labels, mask).sum()
+              - _np_reference_dice(logits - e, labels, mask).sum()) / (2 * eps)
+        np.testing.assert_allclose(g[j], fd, rtol=1e-5, atol=1e-10)
+
+
+def test_reference_loss_matches_monai_dice_ce_with_dynunet_heads():
+    """The whole reference loss through the config keys, value and gradient against MONAI / torch autograd."""
+    torch = pytest.importorskip("torch")
+    monai_losses = pytest.importorskip("monai.losses")
+    from jaxseg.config import load_config
+    from jaxseg.train.step import seg_losses
+
+    cfg = load_config(None, REFERENCE_LOSS)
+    outputs, labels, _ = _ds_inputs(26)
+    outputs = outputs + [np.random.default_rng(27).normal(size=(B, 1, 1, 1, C)).astype(np.float32)]  # 4 heads
+    got, grads = jax.value_and_grad(lambda os: seg_losses(cfg, os, labels).mean())(
+        [jnp.asarray(o) for o in outputs])
+
+    ref_fn = monai_losses.DiceCELoss(to_onehot_y=False, sigmoid=True, squared_pred=True)
+    target = torch.from_numpy(np.moveaxis(np.eye(C, dtype=np.float32)[labels], -1, 1))
+    ts = [torch.from_numpy(np.moveaxis(o, -1, 1).copy()).requires_grad_(True) for o in outputs]
+    ref = sum(0.5 ** i * ref_fn(torch.nn.functional.interpolate(t, size=labels.shape[1:]), target)
+              for i, t in enumerate(ts))
+    ref.backward()
+    # MONAI's DiceCELoss is CE + 1 - Dice: the same up to sum_i 0.5^i
+    np.testing.assert_allclose(float(got) + sum(0.5 ** i for i in range(4)), float(ref.detach()), rtol=1e-5)
+    for g, t in zip(grads, ts):
+        np.testing.assert_allclose(np.asarray(g), np.moveaxis(t.grad.numpy(), 1, -1), rtol=1e-4, atol=1e-7)
+
+
+def test_nearest_upsampled_outputs_repeat_each_voxel_and_sum_its_gradient():
+    outputs, labels, mask = _ds_inputs(28)
+    w = [0.0, 1.0, 0.0]  # the 2x output alone
+    f = 2
+    loss = functools.partial(deep_supervision_loss, dice_ce, weights=w, mode="upsample_outputs",
+                             resize_method="nearest")
+    up = np.repeat(np.repeat(np.repeat(outputs[1], f, 1), f, 2), f, 3)
+    np.testing.assert_allclose(np.asarray(loss(outputs, labels, mask)),
+                               np.asarray(dice_ce(up, labels, mask)), rtol=1e-6)
+    g = jax.grad(lambda o: loss([outputs[0], o, outputs[2]], labels, mask).sum())(jnp.asarray(outputs[1]))
+    g_full = np.asarray(jax.grad(lambda z: dice_ce(z, labels, mask).sum())(jnp.asarray(up)))
+    b, X, Y, Z, c = g_full.shape
+    want = g_full.reshape(b, X // f, f, Y // f, f, Z // f, f, c).sum(axis=(2, 4, 6))
+    np.testing.assert_allclose(np.asarray(g), want, rtol=1e-5, atol=1e-8)
+    with pytest.raises(ValueError, match="resize_method"):
+        deep_supervision_loss(dice_ce, outputs, labels, mode="upsample_outputs", resize_method="cubic")

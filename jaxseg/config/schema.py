@@ -50,6 +50,9 @@ class DataConfig(_Section):
     spacing: tuple[float, float, float] | None = None
     batch_size: int = 2
     foreground_oversampling: float = 0.33
+    # Which patches are forced onto foreground: "last" is nnU-Net v2's rule (the last round(B * p) slots of
+    # every global batch; with B = 2 one patch in two); "random" forces each patch with probability p.
+    oversample: Literal["last", "random"] = "last"
     fold: int | Literal["all"] = 0
     num_folds: int = 5
     split_seed: int = 12345
@@ -190,7 +193,15 @@ class LossConfig(_Section):
     kind: Literal["dice_ce", "dice", "ce", "gen_jaccard"] = "dice_ce"
     batch_dice: bool = False
     smooth: float = 1e-5
+    # The Dice term as nnU-Net computes it (softmax, 2 tp + fp + fn, foreground classes); the neonatal
+    # reference code's MONAI DiceCELoss: sigmoid, squared (sum p^2 + sum t^2), background included.
+    dice_activation: Literal["softmax", "sigmoid"] = "softmax"
+    dice_squared: bool = False
+    dice_background: bool = False
     ds_mode: Literal["downsample_targets", "upsample_outputs"] = "downsample_targets"
+    # upsample_outputs: how the lower-resolution logits are resized to the labels' grid; nearest is
+    # MONAI DynUNet's (the neonatal reference code)
+    ds_upsample: Literal["nearest", "trilinear"] = "nearest"
     ds_weights: Literal["nnunet", "neonatal"] = "nnunet"
     age_weight: float = 0.01
 
@@ -265,6 +276,9 @@ class DROConfig(_Section):
     w_min: float = 0.1
     w_max: float = 10.0
     init_loss: float = 2.0
+    # Std of the Gaussian noise added to the initial loss table to break ties: Fidon et al.'s reference
+    # sampler draws N(init_loss, 0.001 * init_loss), i.e. 0.002 at init_loss 2.0.
+    init_noise: float = 0.002
     prob_floor: float = 1e-4
     log_every: int = 50
 
@@ -278,6 +292,7 @@ class DROConfig(_Section):
             "w_max",
         )
         _check(self.init_loss >= 0.0, "init_loss", f"must be >= 0, got {self.init_loss!r}")
+        _check(self.init_noise >= 0.0, "init_noise", f"must be >= 0, got {self.init_noise!r}")
         _check(0.0 <= self.prob_floor < 1.0, "prob_floor", f"must be in [0, 1), got {self.prob_floor!r}")
         _check(self.log_every >= 1, "log_every", f"must be >= 1, got {self.log_every}")
 
@@ -304,6 +319,7 @@ class EvalConfig(_Section):
 class Config(_Section):
     experiment: str = "default"
     seed: int = 0
+    seeds: tuple[int, ...] | None = None  # training seeds of a multi-seed job (demo); None = (seed,)
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     loss: LossConfig = field(default_factory=LossConfig)
@@ -314,6 +330,9 @@ class Config(_Section):
 
     def _validate(self) -> None:
         _check(bool(self.experiment.strip()), "experiment", "must not be empty")
+        if self.seeds is not None:
+            _check(len(self.seeds) >= 1 and len(set(self.seeds)) == len(self.seeds), "seeds",
+                   f"must be distinct and not empty, got {list(self.seeds)}")
 
 
 @dataclass(frozen=True)

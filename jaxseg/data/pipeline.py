@@ -46,12 +46,12 @@ whatever the number of threads, the prefetch depth or the number of processes (t
 processes concatenate to the single-process batch), and the iterator state is just
 ``(step, seed, sampler table)``.
 
-Foreground oversampling (SPEC 1, nnU-Net): with ``oversample="random"`` (the default) each sample
-is forced, independently, with probability ``foreground_oversampling`` (33 % of the patches on
-average for any batch size and process count). ``oversample="last"`` is nnU-Net v2's rule, the
-last ones of each GLOBAL batch are forced: slot ``g`` is forced iff ``g >= round(B * (1 - p))``
-(with B = 2 and p = 0.33 that forces one patch in two, which is what nnU-Net actually trains
-with). A forced patch is centred on a random voxel (from ``case.fg``) of a random foreground class
+Foreground oversampling (SPEC 1, nnU-Net): ``oversample="last"`` (the default) is nnU-Net v2's
+rule, the last ones of each GLOBAL batch are forced: slot ``g`` is forced iff
+``g >= round(B * (1 - p))`` (with B = 2 and p = 0.33 that forces one patch in two, which is what
+nnU-Net actually trains with). With ``oversample="random"`` each sample is forced, independently,
+with probability ``foreground_oversampling`` (33 % of the patches on average for any batch size
+and process count). A forced patch is centred on a random voxel (from ``case.fg``) of a random foreground class
 present in the case, then shifted to fit like nnU-Net's ``get_bbox``; otherwise the patch start is
 uniform over the positions where the patch fits in the volume (centred with padding on an axis
 where the volume is smaller than the patch). Cases without foreground fall back to uniform.
@@ -228,7 +228,8 @@ class CaseSampler:
         only on the seed and the step).
       * ``"weighted"``: by probabilities handed in with ``set_probs`` (may change every step).
       * ``"hardness"``: hardness weighted sampling (SPEC 2): a table of one stale loss per case,
-        initialised to ``init_loss`` plus ``N(0, init_noise)`` (from the seed) to break ties;
+        initialised to ``init_loss`` plus ``N(0, init_noise)`` (from the seed) to break ties
+        (Fidon et al.'s reference: 2.0 and std 0.002);
         ``update`` writes new per-sample losses (momentum 0), ``set_table`` replaces the table;
         ``p = sampling_probs(table, beta, floor)`` (softmax, floored at ``floor / n``,
         renormalised).
@@ -242,7 +243,7 @@ class CaseSampler:
     """
 
     def __init__(self, n_cases: int, *, mode: str = "uniform", seed: int = 0, beta: float = 100.0,
-                 floor: float = 1e-4, init_loss: float = 2.0, init_noise: float = 1e-4,
+                 floor: float = 1e-4, init_loss: float = 2.0, init_noise: float = 0.002,
                  probs: Optional[Sequence[float]] = None, replace: Optional[bool] = None,
                  case_ids: Optional[Sequence[str]] = None):
         if mode not in SAMPLER_MODES:
@@ -496,7 +497,7 @@ class PatchBatchIterator(grain.DatasetIterator):
     ``batch_size``: GLOBAL batch size B (must be divisible by ``process_count``; this process
     reads ``b = B / P`` patches). ``patch_size``: int or 3 ints. ``margin``: int or 3 ints, the
     region read is ``patch_size + 2 * margin`` (room for rotation/scaling on the device).
-    ``foreground_oversampling``: p in [0, 1]; ``oversample``: "random" | "last" (module doc).
+    ``foreground_oversampling``: p in [0, 1]; ``oversample``: "last" | "random" (module doc).
     ``threads``: reader threads (static sampler: grain's pool, 0 = read synchronously; live: a
     pool when > 1, else the calling thread). ``prefetch``: batches read ahead, static sampler only
     (grain ``prefetch_buffer_size = max(prefetch, 1) * b`` when ``threads > 0``); a dynamic
@@ -511,7 +512,7 @@ class PatchBatchIterator(grain.DatasetIterator):
 
     def __init__(self, source: CaseSource, sampler: CaseSampler, *, batch_size: int,
                  patch_size, margin=0, foreground_oversampling: float = 0.33,
-                 oversample: str = "random", threads: int = 2, prefetch: int = 2, seed: int = 0,
+                 oversample: str = "last", threads: int = 2, prefetch: int = 2, seed: int = 0,
                  mask_fn: Optional[Callable] = None, mask_cache: int = 64,
                  process_index: Optional[int] = None, process_count: Optional[int] = None,
                  start_step: int = 0, live: Optional[bool] = None):

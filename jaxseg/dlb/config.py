@@ -19,8 +19,10 @@ class DLBConfig(_Section):
 
     tiles_per_axis: int = 5
     tile_size: int = 96
-    stride: tuple[int, int, int] | None = None  # null = tiles spread evenly; reference MNI grid [20, 29, 20]
-    offset: tuple[int, int, int] | None = None  # null = centred; reference MNI grid [4, 4, 0]
+    # stride and offset null: the reference code's grid on 181x217x181 at 5 tiles of 96^3 (strides 20/29/20,
+    # offsets 4/4/0), tiles spread evenly on any other volume (jaxseg.dlb.grid.make_grid)
+    stride: tuple[int, int, int] | None = None
+    offset: tuple[int, int, int] | None = None
     method: Literal["hsl", "independent", "generic"] = "hsl"
     lesion_only: bool = True
     batch_size: int = 1
@@ -35,7 +37,8 @@ class DLBConfig(_Section):
     val_max_subvolumes: int = 64
     train_sites: tuple[str, ...] | None = None
     group_size: int = 25
-    fusion: Literal["mean_prob", "majority_vote"] = "mean_prob"
+    # majority_vote: the DeepLesionBrain paper; mean_prob (summed softmax, argmax): its reference code
+    fusion: Literal["mean_prob", "majority_vote"] = "majority_vote"
 
     def _validate(self) -> None:
         _check(self.tiles_per_axis >= 1, "tiles_per_axis", f"must be >= 1, got {self.tiles_per_axis}")

@@ -5,9 +5,10 @@ first array axis, left-right in RAS). Along each axis tile ``i`` starts at ``off
 
 The reference code (181x217x181 MNI volumes, 96^3 tiles, 5 per axis) uses strides (20, 29, 20)
 and offsets (4, 4, 0): starts x 4..84, y 4..120, z 0..80. The paper's "Sx = Sy = 76, Sz = 67" are
-the overlaps ``tile - stride`` (with y and z swapped). :func:`reference_grid` is exactly that; for
-any other shape :func:`make_grid` spreads the tiles evenly (stride ``(L - T) // (n - 1)``, the
-remainder split between both ends), or takes explicit strides and offsets.
+the overlaps ``tile - stride`` (with y and z swapped). :func:`make_grid` without strides and offsets
+gives exactly that grid on the reference's volume, tile size and tile count (:func:`reference_grid`);
+for any other shape it spreads the tiles evenly (stride ``(L - T) // (n - 1)``, the remainder split
+between both ends); explicit strides and offsets override both.
 
 Mirror pairing: tile ``(ix, iy, iz)`` and ``(n-1-ix, iy, iz)`` share one network, which sees the
 right-hand tile flipped along x. The networks are the tiles with ``ix <= (n-1)//2``: 75 of 125
@@ -123,6 +124,11 @@ def make_grid(shape: Sequence[int], tile: int | Sequence[int], n: int,
     if len(shape) != 3:
         raise ValueError(f"a 3D volume shape is needed, got {shape}")
     tile = (int(tile),) * 3 if np.isscalar(tile) else tuple(int(t) for t in tile)
+    if stride is None and offset is None and (shape, tile, int(n)) == (
+            REFERENCE_SHAPE, (REFERENCE_TILE,) * 3, REFERENCE_TILES_PER_AXIS):
+        # The DeepLesionBrain grid is the default on MNI volumes: evenly spread tiles would start
+        # x at 0, 21, ..., 84 instead of the reference code's 4, 24, ..., 84.
+        stride, offset = REFERENCE_STRIDE, REFERENCE_OFFSET
     stride = (None,) * 3 if stride is None else tuple(stride)
     offset = (None,) * 3 if offset is None else tuple(offset)
     starts = tuple(axis_starts(L, T, n, s, o) for L, T, s, o in zip(shape, tile, stride, offset))
@@ -131,5 +137,4 @@ def make_grid(shape: Sequence[int], tile: int | Sequence[int], n: int,
 
 def reference_grid() -> TileGrid:
     """The reference code's grid on 181x217x181 MNI volumes: 125 tiles of 96^3."""
-    return make_grid(REFERENCE_SHAPE, REFERENCE_TILE, REFERENCE_TILES_PER_AXIS, REFERENCE_STRIDE,
-                     REFERENCE_OFFSET)
+    return make_grid(REFERENCE_SHAPE, REFERENCE_TILE, REFERENCE_TILES_PER_AXIS)

@@ -6,8 +6,8 @@ slot 1 repeats slot 0 and is ignored) — and all networks run in one vmapped ca
 Outputs of flipped tiles are flipped back, then fused over the volume:
 
 * ``mean_prob`` (the reference code): sum of the covering tiles' softmax, argmax;
-* ``majority_vote`` (the paper): each covering tile votes its argmax class; the most votes wins and a
-  tie goes to the lower class (background).
+* ``majority_vote`` (the paper, the default): each covering tile votes its argmax class; the most
+  votes wins and a tie goes to the lower class (background).
 
 Voxels no tile covers, and voxels outside the brain mask (all channels zero) are background.
 """
@@ -60,7 +60,7 @@ def tile_outputs(slot_out, grid: TileGrid):
     return jnp.stack(out)
 
 
-def fuse(tile_probs, grid: TileGrid, method: Fusion = "mean_prob"):
+def fuse(tile_probs, grid: TileGrid, method: Fusion = "majority_vote"):
     """(tiles, T..., K) probabilities -> (label volume int32, per-class score volume (X, Y, Z, K)).
 
     The score is the mean probability over covering tiles (mean_prob) or the share of their votes
@@ -86,7 +86,7 @@ def brain_mask(volume):
     return jnp.any(volume != 0, axis=-1)
 
 
-def make_predictor(model, grid: TileGrid, *, fusion: Fusion = "mean_prob", stacked: bool = True,
+def make_predictor(model, grid: TileGrid, *, fusion: Fusion = "majority_vote", stacked: bool = True,
                    group_size: int | None = None, mesh=None) -> Callable:
     """Jitted ``(params, volume (X, Y, Z, C)) -> (labels (X, Y, Z), scores (X, Y, Z, K))``.
 
@@ -109,7 +109,7 @@ def make_predictor(model, grid: TileGrid, *, fusion: Fusion = "mean_prob", stack
     return predict
 
 
-def make_loop_predictor(model, grid: TileGrid, *, fusion: Fusion = "mean_prob") -> Callable:
+def make_loop_predictor(model, grid: TileGrid, *, fusion: Fusion = "majority_vote") -> Callable:
     """The same prediction with a Python loop over networks (one jitted call each), for benchmarks."""
 
     @jax.jit

@@ -189,6 +189,36 @@ def sampling_shares(curves: Mapping[str, Sequence[Mapping[str, Any]]], path: str
     return save_figure(fig, path)
 
 
+def keyed_curves(curves: Mapping[str, Sequence[Mapping[str, Any]]], key: str, path: str | os.PathLike, *,
+                 ylabel: str | None = None, ylim: tuple[float, float] | None = None) -> Path | None:
+    """One panel per entry of a dict-valued record ``key`` (e.g. ``val_dice_class``: class -> Dice), the
+    entry vs ``step``, one line per method (markers: such values are often sparse). None when no record
+    has ``key``."""
+    names = list(dict.fromkeys(n for recs in curves.values() for r in recs for n in (r.get(key) or {})))
+    if not names:
+        return None
+    cols = min(len(names), 4)
+    rows = math.ceil(len(names) / cols)
+    fig = Figure(figsize=(3.6 * cols, 2.9 * rows))
+    for n, name in enumerate(names):
+        ax = fig.add_subplot(rows, cols, n + 1)
+        for k, (method, recs) in enumerate(curves.items()):
+            pts = [(r["step"], r[key][name]) for r in recs if name in (r.get(key) or {}) and "step" in r]
+            if pts:
+                x, y = zip(*pts)
+                ax.plot(x, y, "-o", color=COLORS[k % len(COLORS)], lw=1.2, ms=3, label=method)
+        ax.set_title(name, fontsize="medium")
+        ax.set_xlabel("step")
+        if ylabel and n % cols == 0:
+            ax.set_ylabel(ylabel)
+        if ylim is not None:
+            ax.set_ylim(*ylim)
+        ax.grid(alpha=0.3)
+        if n == 0:
+            ax.legend(fontsize="small")
+    return save_figure(fig, path)
+
+
 def largest_error_point(label_ref: np.ndarray, label_pred: np.ndarray) -> tuple[int, int, int]:
     """A voxel of the largest 26-connected component of ``pred != ref`` (the component voxel
     closest to its centroid, so the point is on the error even for a curved component). Without

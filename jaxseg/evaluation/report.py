@@ -179,6 +179,42 @@ def compare_methods(
     return out
 
 
+def compare_over_seeds(
+    rows: Sequence[Mapping[str, Any]],
+    methods: Sequence[str] = ("ERM", "DRO"),
+    metric_prefix: str = "dice",
+    structures: Sequence[str] | None = None,
+    percentiles: Sequence[float] = DEFAULT_PERCENTILES,
+    *,
+    strata: Sequence[str] | None = None,
+) -> list[dict[str, Any]]:
+    """:func:`compare_methods` once per training seed (the rows' ``seed`` column), then over seeds.
+
+    Each statistic ``st`` (mean, std, percentiles) is computed over cases for each seed; a row then has
+    ``<A>_<st>`` and ``<B>_<st>`` = the mean over seeds, ``<A>_<st>_sd`` and ``<B>_<st>_sd`` = their sample
+    SD over seeds (ddof 1; 0 with one seed), ``diff_<st>`` = B - A of the means, and ``exceeds_<st>`` =
+    True when ``|diff|`` is larger than the sum of the two SDs (the mean ± SD intervals do not overlap:
+    the difference exceeds the seed spread). ``n`` is the number of cases per seed, ``seeds`` the count.
+    """
+    seeds = sorted({r.get("seed") for r in rows}, key=str)
+    per_seed = [compare_methods([r for r in rows if r.get("seed") == sd], methods, metric_prefix, structures,
+                                percentiles, strata=strata, require_same_cases=True) for sd in seeds]
+    a, b = methods
+    out = []
+    for i, first in enumerate(per_seed[0]):
+        row: dict[str, Any] = {"stratum": first["stratum"], "structure": first["structure"], "seeds": len(seeds),
+                               "n": first[f"{a}_n"]}
+        for st in _stat_names(percentiles)[1:]:
+            for m in methods:
+                v = np.asarray([t[i][f"{m}_{st}"] for t in per_seed], dtype=np.float64)
+                row[f"{m}_{st}"] = float(np.nanmean(v)) if np.isfinite(v).any() else math.nan
+                row[f"{m}_{st}_sd"] = float(np.nanstd(v, ddof=1)) if np.isfinite(v).sum() > 1 else 0.0
+            row[f"diff_{st}"] = row[f"{b}_{st}"] - row[f"{a}_{st}"]
+            row[f"exceeds_{st}"] = bool(abs(row[f"diff_{st}"]) > row[f"{a}_{st}_sd"] + row[f"{b}_{st}_sd"])
+        out.append(row)
+    return out
+
+
 # --------------------------------------------------------------------------- formatting
 
 
@@ -244,6 +280,22 @@ def _comparison_table(cmp: list[dict[str, Any]], methods: Sequence[str], percent
         t.add(["", "", b] + [_fmt(r[f"{b}_{st}"]) for st in stats],
               [False] * 3 + [f[1] for f in flags])
         t.add(["", "", f"Δ {b} − {a}", ""] + [_fmt_diff(r[f"diff_{st}"]) for st in stats[1:]])
+    return t
+
+
+def _seed_table(cmp: list[dict[str, Any]], methods: Sequence[str], percentiles, higher) -> _Table:
+    a, b = methods
+    stats = _stat_names(percentiles)[1:]
+    t = _Table(["Stratum", "Structure", "Method", "n"] + [s.capitalize() if s in ("mean", "std") else s
+                                                          for s in stats], 3)
+    for r in cmp:
+        flags = [_better(st, r[f"{a}_{st}"], r[f"{b}_{st}"], higher) for st in stats]
+        for j, m in enumerate((a, b)):
+            t.add([r["stratum"] if j == 0 else "", r["structure"] if j == 0 else "", m, _fmt(r["n"])]
+                  + [f"{_fmt(r[f'{m}_{st}'])} ± {_fmt(r[f'{m}_{st}_sd'])}" for st in stats],
+                  [False] * 4 + [f[j] for f in flags])
+        t.add(["", "", f"Δ {b} − {a}", ""] + [_fmt_diff(r[f"diff_{st}"]) + (" *" if r[f"exceeds_{st}"] else "")
+                                               for st in stats])
     return t
 
 
@@ -412,6 +464,7 @@ def write_report(
     structures = list(structures) if structures is not None else _infer_structures(rows, metric_prefix)
     strata_list = _strata(rows, strata)
     higher = higher_is_better(metric_prefix)
+    n_seeds = len({r.get("seed") for r in rows})
     blocks: list[tuple] = []  # ("h2", text) | ("p", md) | ("table", _Table) | ("img", Path, caption) | ("md", text)
     plots: list[Path] = []
 
@@ -427,10 +480,20 @@ def write_report(
     if missing:
         blocks.append(("p", f"Cases without a prediction (not evaluated): {', '.join(map(str, missing))}."))
 
-    # -- comparison(s)
+    # -- comparison(s): with several training seeds, each statistic as mean ± SD over seeds
     if len(methods) >= 2:
         for other in methods[1:]:
             pair = (methods[0], other)
+            if n_seeds > 1:
+                blocks.append(("h2", f"{pair[1]} vs {pair[0]} over {n_seeds} training seeds: {metric_prefix}"))
+                blocks.append(("p", "Each statistic is computed over the cases for each seed, then given as mean ± "
+                                    "SD over the seeds (bold: the better mean); Δ is the difference of the means, "
+                                    "marked * when it exceeds the seed spread (|Δ| > SD of one method + SD of "
+                                    "the other). pX is the X-th percentile over cases; n = cases per seed."))
+                blocks.append(("table", _seed_table(compare_over_seeds(rows, pair, metric_prefix, structures,
+                                                                       percentiles, strata=strata_list),
+                                                    pair, percentiles, higher)))
+                continue
             cmp = compare_methods(rows, pair, metric_prefix, structures, percentiles,
                                   strata=strata_list, require_same_cases=False)
             blocks.append(("h2", f"{pair[1]} vs {pair[0]}: {metric_prefix}"))
@@ -441,7 +504,7 @@ def write_report(
                                 "(n = values used, NaN dropped)."))
             blocks.append(("table", _comparison_table(cmp, pair, percentiles, higher)))
 
-    # -- per-method tables
+    # -- per-method tables (with several seeds: every seed's cases pooled)
     for m in methods:
         blocks.append(("h2", f"{m}: {metric_prefix} per stratum"))
         tab = stratified_table(rows, metric_prefix, structures, percentiles, method=m, strata=strata_list)
@@ -471,6 +534,16 @@ def write_report(
                                for m, recs in training_curves.items()}, plot_dir / "training_curves.png")
         plots.append(p)
         blocks.append(("img", p, "Training curves per method"))
+        p = P.keyed_curves(training_curves, "val_dice_class", plot_dir / "val_dice_class.png",
+                           ylabel="validation Dice", ylim=(0.0, 1.0))
+        if p is not None:
+            plots.append(p)
+            blocks.append(("img", p, "Validation Dice per class over training steps"))
+        p = P.keyed_curves(training_curves, "patch_class_share", plot_dir / "patch_class_share.png",
+                           ylabel="share of patch voxels")
+        if p is not None:
+            plots.append(p)
+            blocks.append(("img", p, "What the patches contained: share of the trained voxels per class"))
         p = P.sampling_shares(training_curves, plot_dir / "sampling_shares.png")
         if p is not None:
             plots.append(p)

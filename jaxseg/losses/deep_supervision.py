@@ -14,8 +14,10 @@ Two ways of matching an output to the full-resolution target:
 * ``"upsample_outputs"`` (neonatal reference code / MONAI DynUNet-style heads): each output's
   logits are resized to the full spatial shape with ``jax.image.resize`` (``"trilinear"`` by
   default, half-pixel centres, i.e. PyTorch ``align_corners=False``) and compared with the
-  full-resolution labels and mask. (MONAI's own DynUNet ``interpolate`` call defaults to
-  nearest; pass ``resize_method="nearest"`` to reproduce that.)
+  full-resolution labels and mask. The neonatal reference code's MONAI DynUNet upsamples with
+  ``interpolate``'s default, nearest: ``resize_method="nearest"`` (config ``loss.ds_upsample``,
+  its default) repeats each coarse voxel over its ``f^3`` block, exactly as PyTorch does for the
+  integer factors of a U-Net, so the gradient of a coarse logit is the sum over its block.
 """
 
 from __future__ import annotations
@@ -106,6 +108,8 @@ def deep_supervision_loss(
         raise ValueError(f"{len(concrete)} weights for {n} outputs")
     if mode not in ("downsample_targets", "upsample_outputs"):
         raise ValueError(f"unknown mode {mode!r} (downsample_targets | upsample_outputs)")
+    if resize_method not in ("nearest", "trilinear"):
+        raise ValueError(f"unknown resize_method {resize_method!r} (nearest | trilinear)")
 
     labels = jnp.asarray(labels)
     full_spatial = labels.shape[1:4]

@@ -82,6 +82,8 @@ def soft_dice(
     smooth: float = 1e-5,
     batch_dice: bool = False,
     include_background: bool = False,
+    activation: str = "softmax",
+    squared: bool = False,
 ):
     """Soft Dice *score* on softmax probabilities, averaged over classes -> ``(B,)``.
 
@@ -100,18 +102,28 @@ def soft_dice(
 
     A sample with no labelled voxel scores exactly 0 (so that ``dice_ce`` is 0 there); with
     ``batch_dice=True`` all samples score 0 only if the whole batch is unlabelled.
+
+    The neonatal reference code's variant (MONAI ``DiceCELoss(sigmoid=True, squared_pred=True)``
+    on one-hot targets, Richter & Fetit): ``activation="sigmoid"`` (each class's own sigmoid
+    instead of the softmax), ``squared=True`` (denominator ``sum p^2 + sum t^2``, i.e.
+    ``dc_c = (2 tp_c + smooth) / (sum p_c^2 + sum t_c + smooth)``) and ``include_background=True``.
     """
+    if activation not in ("softmax", "sigmoid"):
+        raise ValueError(f"activation must be 'softmax' or 'sigmoid', got {activation!r}")
     logits, onehot, w, labelled = _prepare(logits, labels, mask)
-    probs = jax.nn.softmax(logits, axis=-1)
+    probs = jax.nn.softmax(logits, axis=-1) if activation == "softmax" else jax.nn.sigmoid(logits)
     tp = jnp.sum(probs * onehot * w, axis=_SPATIAL)  # (B, C)
-    fp = jnp.sum(probs * (1 - onehot) * w, axis=_SPATIAL)
-    fn = jnp.sum((1 - probs) * onehot * w, axis=_SPATIAL)
+    if squared:  # sum p^2 + sum t^2 (t is one-hot, t^2 = t)
+        terms = [jnp.sum(probs * probs * w, axis=_SPATIAL), jnp.sum(onehot * w, axis=_SPATIAL)]
+    else:  # 2 tp + fp + fn (= sum p + sum t)
+        terms = [2 * tp, jnp.sum(probs * (1 - onehot) * w, axis=_SPATIAL),
+                 jnp.sum((1 - probs) * onehot * w, axis=_SPATIAL)]
     has = _has_labels(labelled)  # (B,)
     if batch_dice:
-        tp, fp, fn = (jnp.sum(v, axis=0, keepdims=True) for v in (tp, fp, fn))
+        tp, *terms = (jnp.sum(v, axis=0, keepdims=True) for v in (tp, *terms))
         has = jnp.any(has, keepdims=True)
     nominator = 2 * tp + smooth
-    denominator = jnp.maximum(2 * tp + fp + fn + smooth, 1e-8)
+    denominator = jnp.maximum(sum(terms[1:], terms[0]) + smooth, 1e-8)
     dc = nominator / denominator
     if not include_background:
         dc = dc[:, 1:]
@@ -136,7 +148,8 @@ def dice_ce(logits, labels, mask=None, **dice_kwargs):
     """nnU-Net's ``DC_and_CE_loss``: ``CE - Dice`` per sample -> ``(B,)``.
 
     ``dice_kwargs`` go to :func:`soft_dice` (``smooth``, ``batch_dice``,
-    ``include_background``). An all-unlabelled sample gets exactly 0 (both terms are 0).
+    ``include_background``, ``activation``, ``squared``). MONAI's ``DiceCELoss`` is ``CE + 1 - Dice``:
+    the same gradient, the value shifted by 1. An all-unlabelled sample gets exactly 0 (both terms are 0).
     """
     return cross_entropy(logits, labels, mask) - soft_dice(logits, labels, mask, **dice_kwargs)
 

@@ -6,11 +6,13 @@ and a small JSON record (step, config, fingerprint, best metric).
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import grain
 import jax
 import orbax.checkpoint as ocp
+import yaml
 
 from jaxseg.config import (
     Config,
@@ -56,6 +58,20 @@ def read_meta(mgr: ocp.CheckpointManager, step: int) -> dict:
     return mgr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
 
 
+# Fields added after runs were saved whose default is not what those runs did: (section, key) -> old value.
+# data.oversample: before the key existed every patch was forced with probability p ("random").
+_LEGACY_VALUES = {("data", "oversample"): "random"}
+
+
+def _with_legacy_values(saved: Config, text: str) -> Config:
+    raw = yaml.safe_load(text) or {}
+    for (section, key), value in _LEGACY_VALUES.items():
+        if key not in (raw.get(section) or {}):
+            saved = dataclasses.replace(saved, **{section: dataclasses.replace(getattr(saved, section),
+                                                                                **{key: value})})
+    return saved
+
+
 def check_compatible(meta: dict, cfg: Config, where: Path, keys: tuple[str, ...] = TRAJECTORY_KEYS) -> None:
     """Refuse to resume a run whose trajectory-defining config (`keys`) differs, saying what differs."""
     if meta.get("fingerprint") == fingerprint(cfg, keys):
@@ -68,6 +84,7 @@ def check_compatible(meta: dict, cfg: Config, where: Path, keys: tuple[str, ...]
         saved = load_config(f.name, schema=type(cfg), ignore_sections=True)  # older runs held method sections
     finally:
         Path(f.name).unlink(missing_ok=True)
+    saved = _with_legacy_values(saved, meta["config"])
     if fingerprint(saved, keys) == fingerprint(cfg, keys):
         return  # written before a config field (with its default value here) was added to the schema
     def matters(line: str) -> bool:

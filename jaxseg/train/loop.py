@@ -150,21 +150,32 @@ class MetricLog:
             self._tb.close()
 
 
-def _mean_foreground_dice(pred: np.ndarray, ref: np.ndarray, num_classes: int) -> float:
-    scores = []
+def _class_dice(pred: np.ndarray, ref: np.ndarray, num_classes: int) -> dict[int, float]:
+    """Dice of each foreground class present in the prediction or the reference."""
+    scores = {}
     for c in range(1, num_classes):
         p, r = pred == c, ref == c
         if p.any() or r.any():
-            scores.append(2.0 * np.logical_and(p, r).sum() / (p.sum() + r.sum()))
+            scores[c] = float(2.0 * np.logical_and(p, r).sum() / (p.sum() + r.sum()))
+    return scores
+
+
+def _mean_foreground_dice(pred: np.ndarray, ref: np.ndarray, num_classes: int) -> float:
+    scores = list(_class_dice(pred, ref, num_classes).values())
     return float(np.mean(scores)) if scores else float("nan")
 
 
 def validate(apply_fn, store_root, case_ids, cfg: Config, patch_size, progress: bool = False) -> dict:
-    """Full-volume sliding-window Dice on stored (preprocessed) validation cases; with an age head
-    (`apply_fn` returns (logits, age)) also the absolute error of the mean window age."""
+    """Full-volume sliding-window Dice on stored (preprocessed) validation cases: ``val_dice`` (mean over
+    cases of the mean foreground Dice) and ``val_dice_class`` (per class name, mean over the cases where
+    the class is present in the prediction or the reference); with an age head (`apply_fn` returns
+    (logits, age)) also the absolute error of the mean window age."""
     from tqdm import tqdm
 
-    dices, age_errors = [], []
+    names = {c: f"class_{c}" for c in range(1, cfg.data.num_classes)}
+    names.update({int(v): k for k, v in store.read_dataset_meta(store_root).get("labels", {}).items()
+                  if 0 < int(v) < cfg.data.num_classes})
+    dices, per_class, age_errors = [], {}, []
     for cid in tqdm(case_ids, desc="validation", unit="case", leave=False, disable=not progress,
                     dynamic_ncols=True):
         case = store.open_case(store_root, cid)
@@ -173,10 +184,14 @@ def validate(apply_fn, store_root, case_ids, cfg: Config, patch_size, progress: 
         logits, extra = sliding_window_logits(apply_fn, image, patch_size, cfg.data.num_classes,
                                               step=cfg.eval.step_size, sigma_scale=cfg.eval.gaussian_sigma,
                                               window_batch=cfg.eval.window_batch)
-        dices.append(_mean_foreground_dice(np.argmax(logits, -1), label, cfg.data.num_classes))
+        scores = _class_dice(np.argmax(logits, -1), label, cfg.data.num_classes)
+        dices.append(float(np.mean(list(scores.values()))) if scores else float("nan"))
+        for c, d in scores.items():
+            per_class.setdefault(names[c], []).append(d)
         if extra.get("age") is not None and case.meta.get("age") is not None:
             age_errors.append(abs(float(extra["age"]) - float(case.meta["age"])))
-    out = {"val_dice": float(np.nanmean(dices)) if dices else float("nan"), "val_cases": len(dices)}
+    out = {"val_dice": float(np.nanmean(dices)) if dices else float("nan"), "val_cases": len(dices),
+           "val_dice_class": {k: float(np.mean(v)) for k, v in per_class.items()}}
     if age_errors:
         out["val_age_mae"] = float(np.mean(age_errors))
     return out
@@ -314,7 +329,7 @@ def _train_and_evaluate(cfg: Config, workdir: str | os.PathLike, *, max_steps: i
     d = cfg.dro
     sampler_mode = "hardness" if d.enabled and d.mode in ("sampling", "sampling_is") else "uniform"
     sampler = CaseSampler(len(source), mode=sampler_mode, seed=cfg.seed, beta=d.beta, floor=d.prob_floor,
-                          init_loss=d.init_loss, case_ids=source.case_ids)
+                          init_loss=d.init_loss, init_noise=d.init_noise, case_ids=source.case_ids)
     # AgeU-Net: each patch regresses its subject's age (store meta "age", from the dataset metadata).
     ages = case_ages(source, store_root) if cfg.model.arch == "unet" and cfg.model.age_head else None
     topology = model_topology(cfg)
@@ -332,6 +347,7 @@ def _train_and_evaluate(cfg: Config, workdir: str | os.PathLike, *, max_steps: i
     mask_fn = budget_mask if budget.enabled else None
     iterator = PatchBatchIterator(source, sampler, batch_size=cfg.data.batch_size, patch_size=patch,
                                   margin=margin, foreground_oversampling=cfg.data.foreground_oversampling,
+                                  oversample=cfg.data.oversample,
                                   threads=cfg.data.threads, prefetch=cfg.data.prefetch, seed=cfg.seed,
                                   mask_fn=mask_fn)
 

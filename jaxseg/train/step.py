@@ -38,11 +38,14 @@ def init_state(params, optimizer) -> TrainState:
 
 
 def segmentation_loss_fn(cfg: Config):
-    kind, smooth, batch_dice = cfg.loss.kind, cfg.loss.smooth, cfg.loss.batch_dice
+    lc = cfg.loss
+    kind = lc.kind
+    dice = {"smooth": lc.smooth, "batch_dice": lc.batch_dice, "include_background": lc.dice_background,
+            "activation": lc.dice_activation, "squared": lc.dice_squared}
     if kind == "dice_ce":
-        return functools.partial(dice_ce, smooth=smooth, batch_dice=batch_dice)
+        return functools.partial(dice_ce, **dice)
     if kind == "dice":
-        return lambda lg, lb, m=None: -soft_dice(lg, lb, m, smooth=smooth, batch_dice=batch_dice)
+        return lambda lg, lb, m=None: -soft_dice(lg, lb, m, **dice)
     if kind == "ce":
         return cross_entropy
     if kind == "gen_jaccard":
@@ -50,12 +53,17 @@ def segmentation_loss_fn(cfg: Config):
     raise ValueError(f"unknown loss {kind!r}")
 
 
+def seg_losses(cfg: Config, seg_outputs, label, mask=None):
+    """(B,) deep-supervised segmentation loss of a list of logits (highest resolution first), as `cfg.loss` says."""
+    weights = ds_weights(len(seg_outputs), cfg.loss.ds_weights)
+    return deep_supervision_loss(segmentation_loss_fn(cfg), seg_outputs, label, mask, weights=weights,
+                                 mode=cfg.loss.ds_mode, resize_method=cfg.loss.ds_upsample)
+
+
 def per_sample_losses(model, cfg: Config, params, image, label, mask, age=None, dropout_key=None):
     """(B,) losses of one forward pass: deep-supervised segmentation loss (+ age_weight * MSE)."""
     out = model.apply({"params": params}, image)
-    weights = ds_weights(len(out.seg), cfg.loss.ds_weights)
-    losses = deep_supervision_loss(segmentation_loss_fn(cfg), out.seg, label, mask, weights=weights,
-                                   mode=cfg.loss.ds_mode)
+    losses = seg_losses(cfg, out.seg, label, mask)
     if out.age is not None and age is not None:
         losses = losses + cfg.loss.age_weight * mse(out.age, age)
     return losses
