@@ -255,10 +255,11 @@ def test_transfer_study_tiny(tmp_path):
     # The shallow runs started from the pre-trained parameters and froze the outermost level.
     pre, _ = load_params(work / "pretrain", "best")
     ft, _ = load_params(work / "shallow_seed0", "last")
-    np.testing.assert_array_equal(np.asarray(ft["encoder_0"]["block_0"]["conv"]["kernel"]),
-                                  np.asarray(pre["encoder_0"]["block_0"]["conv"]["kernel"]))
-    assert not np.array_equal(np.asarray(ft["bottleneck"]["block_0"]["conv"]["kernel"]),
-                              np.asarray(pre["bottleneck"]["block_0"]["conv"]["kernel"]))
+    # (the study's config has the paper's residual blocks: each stage's first conv is res/conv1)
+    np.testing.assert_array_equal(np.asarray(ft["encoder_0"]["res"]["conv1"]["kernel"]),
+                                  np.asarray(pre["encoder_0"]["res"]["conv1"]["kernel"]))
+    assert not np.array_equal(np.asarray(ft["bottleneck"]["res"]["conv1"]["kernel"]),
+                              np.asarray(pre["bottleneck"]["res"]["conv1"]["kernel"]))
     table = (work / "table.md").read_text()
     assert "Table 4" in table and "Table 5" in table and "Table 6" in table
     assert (work / "transfer.png").exists()
