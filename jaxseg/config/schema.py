@@ -50,7 +50,7 @@ class DataConfig(_Section):
     spacing: tuple[float, float, float] | None = None
     batch_size: int = 2
     foreground_oversampling: float = 0.33
-    # Which patches are forced onto foreground: "last" is nnU-Net v2's rule (the last round(B * p) slots of
+    # Which patches are forced onto foreground: "last" is nnU-Net v2's rule (slots >= round(B * (1 - p)) of
     # every global batch; with B = 2 one patch in two); "random" forces each patch with probability p.
     oversample: Literal["last", "random"] = "last"
     fold: int | Literal["all"] = 0

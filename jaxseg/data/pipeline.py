@@ -51,10 +51,11 @@ rule, the last ones of each GLOBAL batch are forced: slot ``g`` is forced iff
 ``g >= round(B * (1 - p))`` (with B = 2 and p = 0.33 that forces one patch in two, which is what
 nnU-Net actually trains with). With ``oversample="random"`` each sample is forced, independently,
 with probability ``foreground_oversampling`` (33 % of the patches on average for any batch size
-and process count). A forced patch is centred on a random voxel (from ``case.fg``) of a random foreground class
-present in the case, then shifted to fit like nnU-Net's ``get_bbox``; otherwise the patch start is
-uniform over the positions where the patch fits in the volume (centred with padding on an axis
-where the volume is smaller than the patch). Cases without foreground fall back to uniform.
+and process count). A forced patch is centred on a random voxel (from ``case.fg``) of a random
+foreground class present in the case, then shifted to fit like nnU-Net's ``get_bbox``; otherwise
+the patch start is uniform over the positions where the patch fits in the volume (centred with
+padding on an axis where the volume is smaller than the patch). Cases without foreground fall
+back to uniform.
 
 Prefetch versus live weights (SPEC 2: "sample in the process that owns the table")
     * A static sampler (``mode="uniform"``): the draw of step t is a pure function of

@@ -123,7 +123,7 @@ def soft_dice(
         tp, *terms = (jnp.sum(v, axis=0, keepdims=True) for v in (tp, *terms))
         has = jnp.any(has, keepdims=True)
     nominator = 2 * tp + smooth
-    denominator = jnp.maximum(sum(terms[1:], terms[0]) + smooth, 1e-8)
+    denominator = jnp.maximum(sum(terms[1:], start=terms[0]) + smooth, 1e-8)
     dc = nominator / denominator
     if not include_background:
         dc = dc[:, 1:]
