@@ -9,7 +9,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 XLA_TEST_FLAGS := --xla_force_host_platform_device_count=8
 
-.PHONY: install test bench-models demo
+.PHONY: install test test-fast bench-models demo
 
 $(BIN)/activate:
 	@test -n "$(PY)" || { echo "jaxseg needs Python >= 3.12 (jax >= 0.12); none found on PATH or under pyenv. Install one (e.g. 'pyenv install 3.12') or pass PY=/path/to/python3.12" >&2; exit 1; }
@@ -34,6 +34,10 @@ install: $(VENV)/.installed
 
 test: install
 	XLA_FLAGS="$(XLA_TEST_FLAGS)" $(BIN)/python -m pytest -q tests
+
+# For iteration: everything but the tests marked slow (pyproject's pytest markers); CI runs `make test`.
+test-fast: install
+	XLA_FLAGS="$(XLA_TEST_FLAGS)" $(BIN)/python -m pytest -q -m "not slow" tests
 
 bench-models: install
 	$(BIN)/python benchmarks/model_cpu.py --out benchmarks/results/model_cpu.json

@@ -64,6 +64,7 @@ def main() -> None:
     args = ap.parse_args()
 
     from jaxseg.data.prepare import prepare
+    from jaxseg.config import SynthConfig
     from jaxseg.data.synth import write_cohort
 
     tmp = Path(tempfile.mkdtemp(prefix="jaxseg-fed-step-"))
@@ -76,8 +77,8 @@ def main() -> None:
                             "skip": args.skip, "repeats": args.repeats, "overrides": base + args.overrides},
                "results": []}
     try:
-        write_cohort(tmp / "raw", args.subjects, spacing=args.spacing, n_test=0, workers=2, progress=False,
-                     preview=False)
+        write_cohort(tmp / "raw", SynthConfig(n_subjects=args.subjects, spacing=args.spacing, n_test=0), workers=2,
+                     progress=False, preview=False)
         prepare(tmp / "raw", tmp / "store", num_workers=2, progress=False)
         for sampler, extra in (("uniform", ["dro.enabled=false"]),
                                ("hardness (DRO)", ["dro.enabled=true", "dro.mode=sampling"])):

@@ -46,10 +46,11 @@ def _load() -> list[float]:
 
 def build_synth(root: Path, n: int, spacing: float) -> dict:
     from jaxseg.data.prepare import prepare
+    from jaxseg.config import SynthConfig
     from jaxseg.data.synth import write_cohort
 
     t0 = time.perf_counter()
-    write_cohort(root / "raw", n, spacing=spacing, n_test=0, channels=("T1", "T2"), workers=2,
+    write_cohort(root / "raw", SynthConfig(n_subjects=n, spacing=spacing, n_test=0), channels=("T1", "T2"), workers=2,
                  progress=False, preview=False, overwrite=True)
     prepare(root / "raw", root / "store", num_workers=2, progress=False)
     return {"kind": "synth", "spacing_mm": spacing, "build_s": round(time.perf_counter() - t0, 2)}

@@ -53,6 +53,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "synth_time.json")
     args = ap.parse_args(argv)
 
+    from jaxseg.config import SynthConfig
     from jaxseg.data import synth
 
     t0 = time.perf_counter()
@@ -62,8 +63,11 @@ def main(argv: list[str] | None = None) -> dict:
     with tempfile.TemporaryDirectory(prefix="synth_time_") as tmp:
         out_dir = args.keep if args.keep is not None else Path(tmp) / "cohort"
         t1 = time.perf_counter()
-        info = synth.write_cohort(out_dir, args.n, seed=args.seed, spacing=args.spacing,
-                                  flavour=args.flavour, workers=args.workers, template=template,
+        # the lesion flavour on control anatomy only
+        no_abnormal = {"p_ventriculomegaly": 0.0, "p_cerebellar_hypoplasia": 0.0} if args.flavour == "lesion" else {}
+        cfg = SynthConfig(n_subjects=args.n, seed=args.seed, spacing=args.spacing, flavour=args.flavour,
+                          **no_abnormal)
+        info = synth.write_cohort(out_dir, cfg, workers=args.workers, template=template,
                                   overwrite=args.keep is not None)
         wall = time.perf_counter() - t1
         size = _du(out_dir)

@@ -47,9 +47,7 @@ def run_demo(cfg: SynthRunConfig, workdir: str | Path, *, progress: bool = True)
 
     t = time.perf_counter()
     if not (raw / "dataset.json").exists():
-        s = cfg.synth
-        write_cohort(raw, s.n_subjects, seed=s.seed, spacing=s.spacing, flavour=s.flavour, strata=s.strata(),
-                     sites=s.sites, n_test=s.n_test, progress=progress, overwrite=True)
+        write_cohort(raw, cfg.synth, progress=progress, overwrite=True)
     timings["synth_s"] = time.perf_counter() - t
 
     t = time.perf_counter()

@@ -31,9 +31,7 @@ def cmd_synth(args) -> None:
     from jaxseg.data.synth import write_cohort
 
     s = _config(args).synth
-    out = write_cohort(args.out, s.n_subjects, seed=s.seed, spacing=s.spacing, flavour=s.flavour,
-                       strata=s.strata(), sites=s.sites, n_test=s.n_test, overwrite=args.overwrite,
-                       lesion_radius_mm=s.lesion_radius_mm)
+    out = write_cohort(args.out, s, overwrite=args.overwrite)
     n_test = sum(1 for c in out["cases"] if c.get("split") == "test")
     print(f"wrote {args.out}: {len(out['cases']) - n_test} training and {n_test} test cases in "
           f"{out['seconds']:.1f} s; preview {out.get('preview')}")
@@ -215,6 +213,8 @@ def cmd_import_torch(args) -> None:
 
 
 def parser() -> argparse.ArgumentParser:
+    """The command line: one declarative table of every subcommand and its flags (long because the
+    CLI is; each command's work is a library function)."""
     p = argparse.ArgumentParser(prog="python -m jaxseg.launch", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", metavar="COMMAND")

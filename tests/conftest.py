@@ -13,9 +13,11 @@ def tiny_store(tmp_path_factory):
     """A prepared store of 12 synthetic subjects at 6 mm (10 training, 2 test), built once per session:
     the training-loop tests share it (see tests/_tiny.py for the matching config)."""
     from jaxseg.data.prepare import prepare
+    from jaxseg.config import SynthConfig
     from jaxseg.data.synth import write_cohort
 
     root = tmp_path_factory.mktemp("cohort")
-    write_cohort(root / "raw", 12, seed=3, spacing=6.0, n_test=2, workers=1, progress=False, preview=False)
+    write_cohort(root / "raw", SynthConfig(n_subjects=12, seed=3, spacing=6.0, n_test=2), workers=1, progress=False,
+                 preview=False)
     prepare(root / "raw", root / "store", num_workers=1, progress=False)
     return root / "store"

@@ -1,4 +1,4 @@
-"""On-device augmentation (SPEC sections 1 and 4): exactness, alignment, IQDA, jit behaviour.
+"""On-device augmentation (nnU-Net; Kamraoui et al., DeepLesionBrain): exactness, alignment, IQDA, jit behaviour.
 
 Tiny volumes (8^3 to 21^3, batch 2); every jitted function is built once per (params, shape)
 through ``_jitted`` and shared by the tests, because XLA:CPU compile time dominates.

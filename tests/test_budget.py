@@ -1,4 +1,4 @@
-"""Label budgeting: slice masks and the equal-budget training sets (SPEC section 3)."""
+"""Label budgeting: slice masks and the equal-budget training sets (Richter & Fetit)."""
 
 import json
 import math

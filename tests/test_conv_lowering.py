@@ -102,6 +102,7 @@ def test_unet_training_step_has_no_lhs_dilated_convolution(block):
     assert lhs_dilated_convs(text) == []
 
 
+@pytest.mark.slow
 def test_onednn_convolutions_equal_default_lowering(tmp_path):
     """Outputs and gradients of every model, this process (oneDNN, set by jaxseg) against a process with
     XLA's default CPU convolutions."""
@@ -140,6 +141,7 @@ def test_one_voxel_input_is_the_centre_tap():
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_vmapped_gradient_through_a_one_voxel_bottleneck_compiles():
     """A 3-level compact U-Net on 8^3 tiles, batch 1, vmapped over networks: XLA:CPU's oneDNN rewrite
     aborted the process on its one-voxel bottleneck conv (so this runs in a child process)."""

@@ -87,6 +87,7 @@ def setup(n):
 
 
 @pytest.mark.parametrize("group_size", [2, 1])  # 1: one jitted network step at a time
+@pytest.mark.slow
 def test_vmapped_step_equals_separate_steps(group_size):
     n = 3
     model, opt, params = setup(n)
@@ -108,6 +109,7 @@ def test_vmapped_step_equals_separate_steps(group_size):
     assert int(new.step) == 1
 
 
+@pytest.mark.slow
 def test_inactive_network_is_unchanged():
     n = 2
     model, opt, params = setup(n)
@@ -122,6 +124,7 @@ def test_inactive_network_is_unchanged():
         np.testing.assert_array_equal(np.asarray(a[1]), b[1])
 
 
+@pytest.mark.slow
 def test_sharded_over_8_devices_equals_unsharded():
     assert jax.device_count() == 8, "tests run with 8 fake CPU devices (see conftest)"
     n = 5
@@ -179,6 +182,7 @@ def test_uncovered_voxels_are_background():
 
 # --------------------------------------------------------------------- mirrored inference
 
+@pytest.mark.slow
 def test_mirrored_tile_equals_flipping_by_hand():
     g = make_grid((12, 8, 8), 8, 3)  # x starts (0, 2, 4); ix = 2 is fed flipped to network of ix = 0
     model, _, params = setup(g.n_networks)
@@ -197,6 +201,7 @@ def test_mirrored_tile_equals_flipping_by_hand():
     np.testing.assert_allclose(probs[k], own, atol=3e-5)
 
 
+@pytest.mark.slow
 def test_prediction_is_flip_equivariant_and_loop_matches_vmapped():
     # with an even number of tiles per axis every tile has a partner in the same network, so the whole
     # prediction commutes with a left-right flip of the input, whatever the parameters
@@ -218,6 +223,7 @@ def test_prediction_is_flip_equivariant_and_loop_matches_vmapped():
     np.testing.assert_allclose(score_g, score_b, atol=3e-5)
 
 
+@pytest.mark.slow
 def test_brain_mask_zeroes_outside():
     g = make_grid((8, 8, 8), 8, 1)
     model, _, params = setup(g.n_networks)

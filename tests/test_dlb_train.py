@@ -8,7 +8,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from jaxseg.config import load_config
+from jaxseg.config import SynthConfig, load_config
 from jaxseg.data.io import DataError
 from jaxseg.data.prepare import prepare
 from jaxseg.data.synth import write_cohort
@@ -66,8 +66,8 @@ def test_pool_sampler_is_deterministic_and_covers_each_pool():
 def cohort(tmp_path_factory):
     root = tmp_path_factory.mktemp("dlb")
     ds = root / "raw"
-    write_cohort(ds, 6, seed=1, spacing=8.0, flavour="lesion", strata={"control": 1.0}, sites=2, n_test=2,
-                 progress=False)
+    write_cohort(ds, SynthConfig(n_subjects=6, seed=1, spacing=8.0, flavour="lesion", p_ventriculomegaly=0.0,
+                                 p_cerebellar_hypoplasia=0.0, sites=2, n_test=2), progress=False)
     prepare(ds, root / "store", crop=False, progress=False, num_workers=1)
     prepare(ds, root / "store_cropped", progress=False, num_workers=1)
     return root
@@ -94,6 +94,7 @@ def test_uncropped_store_keeps_the_grid_and_cropped_store_is_refused(cohort):
         load_cases(cohort / "store_cropped", split["train"])
 
 
+@pytest.mark.slow
 def test_train_then_predict_writes_nifti_in_input_geometry(cohort, tmp_path):
     cfg = tiny_cfg(cohort)
     summary = train_dlb(cfg, tmp_path / "run", log=lambda *_: None)
@@ -125,6 +126,7 @@ def test_predict_without_training_names_the_missing_run(cohort, tmp_path):
         predict_dlb(tiny_cfg(cohort), tmp_path / "nothing", tmp_path / "pred", log=lambda *_: None)
 
 
+@pytest.mark.slow
 def test_predict_refuses_an_unfinished_stage(cohort, tmp_path):
     import shutil
 
@@ -136,6 +138,7 @@ def test_predict_refuses_an_unfinished_stage(cohort, tmp_path):
         predict_dlb(cfg, tmp_path / "run", tmp_path / "pred", log=lambda *_: None)
 
 
+@pytest.mark.slow
 def test_resume_refuses_a_changed_config(cohort, tmp_path):
     from jaxseg.train.checkpoint import IncompatibleResume
 
@@ -148,6 +151,7 @@ def test_resume_refuses_a_changed_config(cohort, tmp_path):
     assert (tmp_path / "run" / "config.yaml").read_text() == before  # refused before anything was written
 
 
+@pytest.mark.slow
 def test_stages_use_the_core_optimiser(cohort, tmp_path, monkeypatch):
     """optim.kind / schedule / weight decay reach the DLB stages (jaxseg.train.optim.make_optimizer)."""
     import jaxseg.dlb.train as dlb_train
@@ -161,6 +165,7 @@ def test_stages_use_the_core_optimiser(cohort, tmp_path, monkeypatch):
     assert seen == [(cfg.optim, (2, 1))]
 
 
+@pytest.mark.slow
 def test_sigkill_mid_stage_then_rerun_matches_uninterrupted_run(cohort, tmp_path_factory, tmp_path):
     """`launch dlb-train` killed (SIGKILL, process group) after an epoch of the ensemble stage and run
     again resumes that stage from its last checkpoint and ends with the same parameters, bit for bit,

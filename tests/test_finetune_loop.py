@@ -28,6 +28,7 @@ def _by_key(tree):
     return {jax.tree_util.keystr(k): np.asarray(v) for k, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
+@pytest.mark.slow
 def test_shallow_finetune_from_a_run_freezes_the_rest_and_resumes_from_its_own_checkpoint(tiny_store, run_a,
                                                                                           tmp_path):
     pre, _ = load_params(run_a, "best")  # what init_from=RUN reads: best/, else the last in ckpt/

@@ -104,6 +104,7 @@ def load(path: Path) -> dict:
     pytest.param([], id="uniform"),  # static sampler: grain pipeline with thread prefetch
     pytest.param(["dro.enabled=true", "dro.mode=sampling_is"], id="dro"),  # live hardness sampler + table
 ])
+@pytest.mark.slow
 def test_sigkill_then_rerun_matches_uninterrupted_run(tiny_store, tmp_path, xla_cache, overrides):
     def cmd(workdir: Path, out: Path) -> list[str]:
         return [sys.executable, str(WORKER), str(tiny_store), str(workdir), str(STEPS), str(out),

@@ -175,6 +175,7 @@ def test_upsample_outputs_ignores_labels_of_unlabelled_voxels():
 # ------------------------------------------------------------------------------------- end to end
 
 
+@pytest.mark.slow
 def test_run_label_budget_tiny(tmp_path, monkeypatch):
     from jaxseg.launch import main
     from jaxseg.neonatal import label_budget

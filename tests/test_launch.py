@@ -44,6 +44,7 @@ def test_prepare_on_missing_dataset_fails_nonzero(tmp_path):
     assert not (tmp_path / "store" / "dataset.json").exists()
 
 
+@pytest.mark.slow
 def test_demo_end_to_end_tiny(tmp_path):
     # The whole main job on a tiny cohort: synth -> prepare -> ERM and DRO -> predict -> evaluate -> report.
     overrides = ["synth.n_subjects=14", "synth.n_test=4", "synth.spacing=6.0", "data.patch_size=[16,16,16]",

@@ -143,6 +143,7 @@ def test_unet_param_names_expose_stages():
 
 @pytest.mark.parametrize("block,upsample", [("plain", "transpose"), ("residual", "resize_conv"),
                                             ("plain", "pixel_shuffle")])
+@pytest.mark.slow
 def test_unet_jit_and_finite_gradients(block, upsample):
     model, _ = tiny_unet(block=block, upsample=upsample, deep_supervision=False)
     x = jax.random.normal(jax.random.key(0), (2, 16, 16, 16, 1))

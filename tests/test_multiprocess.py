@@ -138,6 +138,7 @@ def check_same_training(ref: dict, got: dict, other: dict) -> None:
     # 1's all-gathered losses, so the processes only agree if every one updated the same table.
     pytest.param(["dro.enabled=true", "dro.mode=sampling_is"], id="dro"),
 ])
+@pytest.mark.slow
 def test_two_processes_match_one_process(tiny_store, tmp_path, single_process, xla_cache, overrides):
     """The launcher's variables (launch/multiprocess.sh): JAXSEG_COORDINATOR/NUM_PROCESSES/PROCESS_ID."""
     coordinator = f"127.0.0.1:{free_port()}"
@@ -150,6 +151,7 @@ def test_two_processes_match_one_process(tiny_store, tmp_path, single_process, x
     assert sorted(p.name for p in data.glob("process_*.json")) == ["process_0-of-2.json", "process_1-of-2.json"]
 
 
+@pytest.mark.slow
 def test_slurm_variables_start_the_same_run(tiny_store, tmp_path, single_process, xla_cache):
     """What srun gives each task (launch/slurm.sbatch): no JAXSEG_* variables, SLURM_NTASKS > 1, and
     jax.distributed's SLURM auto-detection finds the coordinator (first node of SLURM_STEP_NODELIST,

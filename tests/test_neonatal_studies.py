@@ -68,6 +68,7 @@ def test_centred_age_head_is_a_fixed_affine_of_the_same_parameters():
     np.testing.assert_allclose(np.asarray(b), 36.0 + 5.0 * np.asarray(a), rtol=1e-5, atol=1e-4)
 
 
+@pytest.mark.slow
 def test_training_regresses_each_patch_to_its_subject_age(tiny_store, tmp_path):
     cfg = tiny_cfg(tiny_store, "model.age_head=true", "model.age_offset=35.0", "model.age_scale=5.0",
                    "data.fold=0", "train.epochs=1", "train.val_every=1", "optim.kind=adam", "optim.lr=0.001",
@@ -202,6 +203,7 @@ TINY = ["synth.spacing=8.0", "data.patch_size=[16,16,16]", "model.features_base=
         "data.batch_size=8", "data.threads=1", "eval.window_batch=8"]
 
 
+@pytest.mark.slow
 def test_age_study_tiny(tmp_path, monkeypatch):
     from jaxseg.launch import main
 
@@ -235,6 +237,7 @@ def test_age_study_tiny(tmp_path, monkeypatch):
     assert again["predicted_ages"] == record["predicted_ages"]
 
 
+@pytest.mark.slow
 def test_transfer_study_tiny(tmp_path):
     from jaxseg.launch import main
 

@@ -133,6 +133,7 @@ def _first_batch(monkeypatch, cfg, tmp_path):
 
 
 @pytest.mark.parametrize("overrides", [(), ("data.oversample=random", "dro.init_noise=0.01")])
+@pytest.mark.slow
 def test_training_uses_the_configured_rule_and_table(tiny_store, tmp_path, monkeypatch, overrides):
     cfg = tiny_cfg(tiny_store, "dro.enabled=true", "dro.mode=sampling", "train.epochs=1",
                    "train.steps_per_epoch=1", *overrides)

@@ -69,6 +69,7 @@ def test_lock_names_the_holder_and_a_killed_holder_leaves_no_lock(tmp_path):
     assert not (tmp_path / "w" / ".lock").exists()
 
 
+@pytest.mark.slow
 def test_second_train_on_a_workdir_is_refused_while_the_first_runs(tiny_store, tmp_path):
     work = tmp_path / "w"
     cmd = [sys.executable, "-m", "jaxseg.launch", "train", "--workdir", str(work),
@@ -95,6 +96,7 @@ def test_second_train_on_a_workdir_is_refused_while_the_first_runs(tiny_store, t
     assert len(steps) == len(set(steps)) and not (work / ".lock").exists()
 
 
+@pytest.mark.slow
 def test_prepare_and_predict_refuse_a_locked_folder(tmp_path, run_dir, tiny_store, capsys):
     raw = tiny_store.parent / "raw"
     with hold(tmp_path / "store", "someone else"):
@@ -110,6 +112,7 @@ def test_prepare_and_predict_refuse_a_locked_folder(tmp_path, run_dir, tiny_stor
 # --------------------------------------------------------------------------- resume
 
 
+@pytest.mark.slow
 def test_resume_says_so_and_drops_replayed_metrics(tiny_store, tmp_path, capsys):
     work = tmp_path / "w"
     over = _tiny_overrides(tiny_store, "train.keep_checkpoints=5")
@@ -173,6 +176,7 @@ def test_unwritable_output_folders_are_refused_before_any_work(tmp_path, run_dir
         assert not any((tmp_path / "ro").iterdir())
 
 
+@pytest.mark.slow
 def test_readme_flow_predict_split_then_evaluate(tmp_path, run_dir, tiny_store):
     raw = tiny_store.parent / "raw"
     pred = tmp_path / "pred"

@@ -48,6 +48,7 @@ def test_backend_started_before_jaxseg_is_reported():
     assert r["backend_started_before_jaxseg"] and not r["onednn_convolutions"]
 
 
+@pytest.mark.slow
 def test_run_json_records_the_runtime(tmp_path, tiny_store):
     from _tiny import tiny_cfg
 

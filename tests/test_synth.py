@@ -8,6 +8,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
+from jaxseg.config import SynthConfig
 from jaxseg.data import synth as S
 
 L = S.LABELS
@@ -18,7 +19,7 @@ def template(tmp_path_factory):
     cache = tmp_path_factory.mktemp("synth_cache")
     t = S.load_template(2, cache=cache)
     files = list(cache.iterdir())
-    assert [f.name for f in files] == [f"mni152_labels_v{S._TEMPLATE_VERSION}_2mm.npz"]
+    assert [f.name for f in files] == [f"mni152_labels_v{S.template._TEMPLATE_VERSION}_2mm.npz"]
     again = S.load_template(2, cache=cache)  # from the cache, identical
     np.testing.assert_array_equal(again.labels, t.labels)
     np.testing.assert_array_equal(again.affine, t.affine)
@@ -205,7 +206,7 @@ def test_skull_strip_zero_outside_brain_nonzero_inside(template):
 def test_skull_strip_nudges_exact_zeros_inside():
     img = np.array([[0.0, -0.5, 3.0], [0.0, 2.0, 7.0]], np.float32)
     mask = np.array([[True, True, True], [False, False, True]])
-    out = S._skull_strip(img.copy(), mask)
+    out = S.subject._skull_strip(img.copy(), mask)
     np.testing.assert_array_equal(
         out, np.array([[S.MIN_BRAIN_INTENSITY, S.MIN_BRAIN_INTENSITY, 3.0], [0, 0, 7.0]],
                       np.float32))
@@ -254,7 +255,7 @@ def _check_dataset(out, n, channels, labels):
 
 def test_write_cohort_tissue_valid(template, tmp_path):
     out = tmp_path / "Dataset900_Synth"
-    info = S.write_cohort(out, 5, seed=3, spacing=4.0, channels=("T1", "T2"), n_test=1,
+    info = S.write_cohort(out, SynthConfig(n_subjects=5, seed=3, spacing=4.0, n_test=1), channels=("T1", "T2"),
                           workers=1, progress=False, template=template)
     ds, rows = _check_dataset(out, 5, ["T1", "T2"], S.LABELS)
     assert (out / "preview.png").stat().st_size > 10_000
@@ -284,14 +285,14 @@ def test_write_cohort_tissue_valid(template, tmp_path):
     assert len(dset) == 5
     # refuses to write over an existing cohort unless asked
     with pytest.raises(FileExistsError):
-        S.write_cohort(out, 2, spacing=4.0, workers=1, progress=False, template=template)
+        S.write_cohort(out, SynthConfig(n_subjects=2, spacing=4.0), workers=1, progress=False, template=template)
 
 
 def test_write_cohort_deterministic_any_workers(template, tmp_path):
-    kw = dict(spacing=4.0, n_test=1, progress=False, template=template, preview=False)
-    S.write_cohort(tmp_path / "a", 3, seed=9, workers=2, **kw)
-    S.write_cohort(tmp_path / "b", 3, seed=9, workers=1, **kw)
-    S.write_cohort(tmp_path / "c", 3, seed=10, workers=1, **kw)
+    kw = dict(progress=False, template=template, preview=False)
+    S.write_cohort(tmp_path / "a", SynthConfig(n_subjects=3, seed=9, spacing=4.0, n_test=1), workers=2, **kw)
+    S.write_cohort(tmp_path / "b", SynthConfig(n_subjects=3, seed=9, spacing=4.0, n_test=1), workers=1, **kw)
+    S.write_cohort(tmp_path / "c", SynthConfig(n_subjects=3, seed=10, spacing=4.0, n_test=1), workers=1, **kw)
     a_dir = tmp_path / "a"
     files = sorted(p.relative_to(a_dir) for p in a_dir.rglob("*") if p.is_file())
     assert len(files) == 3 * 2 + 2  # images + labels, dataset.json, metadata.csv
@@ -304,8 +305,9 @@ def test_write_cohort_deterministic_any_workers(template, tmp_path):
 
 def test_write_cohort_lesion_flavour(template, tmp_path):
     out = tmp_path / "les"
-    S.write_cohort(out, 3, seed=1, spacing=4.0, flavour="lesion", n_test=0, workers=1,
-                   progress=False, template=template)
+    S.write_cohort(out, SynthConfig(n_subjects=3, seed=1, spacing=4.0, flavour="lesion", n_test=0,
+                                    p_ventriculomegaly=0.0, p_cerebellar_hypoplasia=0.0),
+                   workers=1, progress=False, template=template)
     ds, rows = _check_dataset(out, 3, ["T1", "FLAIR"], S.LESION_LABELS)
     assert ds["labels"] == {"background": 0, "lesion": 1}
     assert all(int(r["n_lesions"]) >= 3 and r["age_unit"] == "years" for r in rows)
@@ -316,7 +318,7 @@ def test_write_cohort_lesion_flavour(template, tmp_path):
 
 def test_write_cohort_without_skull_strip(template, tmp_path):
     out = tmp_path / "raw"
-    S.write_cohort(out, 1, seed=2, spacing=4.0, n_test=0, workers=1, progress=False,
+    S.write_cohort(out, SynthConfig(n_subjects=1, seed=2, spacing=4.0, n_test=0), workers=1, progress=False,
                    preview=False, template=template, skull_strip=False)
     ds = json.loads((out / "dataset.json").read_text())
     assert ds["synth"]["skull_strip"] is False and "Not skull-stripped" in ds["description"]
@@ -336,10 +338,10 @@ def test_interrupted_write_leaves_no_half_files(template, tmp_path, monkeypatch)
             raise KeyboardInterrupt("simulated kill")
         return real(*a, **k)
 
-    monkeypatch.setattr(S, "make_subject", flaky)
+    monkeypatch.setattr(S.cohort, "make_subject", flaky)  # where the subject jobs look it up
     out = tmp_path / "x"
     with pytest.raises(KeyboardInterrupt):
-        S.write_cohort(out, 4, seed=0, spacing=4.0, n_test=0, workers=1, progress=False,
+        S.write_cohort(out, SynthConfig(n_subjects=4, seed=0, spacing=4.0, n_test=0), workers=1, progress=False,
                        template=template)
     assert not (out / "dataset.json").exists()  # written last: the cohort is visibly incomplete
     written = list((out / "imagesTr").glob("*.nii.gz")) + list((out / "labelsTr").glob("*.nii.gz"))
@@ -352,9 +354,13 @@ def test_bad_arguments(template, tmp_path):
     with pytest.raises(ValueError, match="stratum"):
         S.make_subject(0, template, stratum="hydrocephalus", spacing=4.0)
     with pytest.raises(ValueError, match="flavour"):
-        S.write_cohort(tmp_path / "y", 2, flavour="fetal", template=template)
-    with pytest.raises(ValueError, match="stratum"):
-        S.write_cohort(tmp_path / "y", 2, strata={"hydro": 1.0}, template=template)
+        S.write_cohort(tmp_path / "y", SynthConfig(n_subjects=2, flavour="fetal"), template=template)
+    with pytest.raises(ValueError, match="strata"):
+        S.write_cohort(tmp_path / "y", SynthConfig(n_subjects=2, p_ventriculomegaly=0.7, p_cerebellar_hypoplasia=0.7),
+                       template=template)
+    with pytest.raises(ValueError, match="channel"):
+        S.write_cohort(tmp_path / "y", SynthConfig(n_subjects=2), channels=("T1", "DWI"), template=template)
+    assert not (tmp_path / "y").exists()  # refused before anything is written
 
 
 def test_lesion_radius_sets_the_lesion_load(template, tmp_path):
@@ -364,4 +370,31 @@ def test_lesion_radius_sets_the_lesion_load(template, tmp_path):
     assert small["metadata"]["n_lesions"] == large["metadata"]["n_lesions"]  # same draws, larger radii
     assert (large["label"] > 0).sum() > 3 * (small["label"] > 0).sum()
     with pytest.raises(ValueError, match="lesion_radius_mm"):
-        S.write_cohort(tmp_path / "z", 2, flavour="lesion", template=template, lesion_radius_mm=(5.0, 2.0))
+        S.write_cohort(tmp_path / "z", SynthConfig(n_subjects=2, flavour="lesion", lesion_radius_mm=(5.0, 2.0)),
+                       template=template)
+
+
+def test_demo_and_synth_command_write_the_whole_synth_section(tmp_path, monkeypatch):
+    # Both hand the config's synth section to write_cohort as it is (the demo used to drop lesion_radius_mm).
+    from jaxseg import demo, launch
+    from jaxseg.config import load_config
+
+    seen = []
+
+    class Stop(Exception):
+        pass
+
+    def fake_write_cohort(out_dir, cfg, **kw):
+        seen.append(cfg)
+        raise Stop
+
+    overrides = ["synth.flavour=lesion", "synth.lesion_radius_mm=[2.0,6.0]", "synth.n_subjects=7", "synth.seed=4"]
+    cfg = load_config(None, overrides)
+    monkeypatch.setattr(demo, "write_cohort", fake_write_cohort)
+    monkeypatch.setattr(S, "write_cohort", fake_write_cohort)  # cmd_synth imports it from the package
+    with pytest.raises(Stop):
+        demo.run_demo(cfg, tmp_path / "demo", progress=False)
+    with pytest.raises(Stop):
+        launch.main(["synth", "--out", str(tmp_path / "raw"), *overrides])
+    assert seen == [cfg.synth, cfg.synth]
+    assert seen[0].lesion_radius_mm == (2.0, 6.0) and seen[1].flavour == "lesion"

@@ -24,6 +24,7 @@ def test_kfold_split_matches_sklearn_kfold():
     assert kfold_split(ids, "all") == (ids, [])
 
 
+@pytest.mark.slow
 def test_one_step_through_train_and_evaluate(tiny_store, tmp_path):
     cfg = tiny_cfg(tiny_store, "dro.enabled=true", "dro.log_every=1")
     out = train_and_evaluate(cfg, tmp_path / "run", max_steps=1, progress=False)
@@ -49,6 +50,7 @@ def test_one_step_through_train_and_evaluate(tiny_store, tmp_path):
     assert sampling_shares({"DRO": lines}, tmp_path / "shares.png").stat().st_size > 0
 
 
+@pytest.mark.slow
 def test_resume_continues_and_incompatible_resume_is_refused(tiny_store, tmp_path):
     cfg = tiny_cfg(tiny_store)
     ref = train_and_evaluate(cfg, tmp_path / "ref", max_steps=3, progress=False)
@@ -61,6 +63,7 @@ def test_resume_continues_and_incompatible_resume_is_refused(tiny_store, tmp_pat
         train_and_evaluate(tiny_cfg(tiny_store, "optim.lr=0.02"), tmp_path / "cut", max_steps=4, progress=False)
 
 
+@pytest.mark.slow
 def test_nonfinite_steps_stop_the_run_with_last_good_checkpoint_intact(tiny_store, tmp_path, monkeypatch):
     from jaxseg.data import pipeline
     from jaxseg.train.loop import TrainingError

@@ -99,6 +99,7 @@ def test_dro_weights_follow_spec(mode):
     np.testing.assert_allclose(w, ref, rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_one_step_jit_8_devices_equals_1_device_equals_pmap():
     assert jax.device_count() == 8
     cfg = tiny_cfg("dro.enabled=true", "dro.mode=sampling_is")

@@ -1,4 +1,4 @@
-"""On-device 3D data augmentation in pure JAX (SPEC sections 1 and 4).
+"""On-device 3D data augmentation in pure JAX (nnU-Net, Isensee et al. 2021; Kamraoui et al., DeepLesionBrain).
 
 Everything here is jit-able with static shapes and runs inside the jitted train step: one
 ``augment(key, image, label, mask, params)`` call augments a whole batch, vmapped over the
@@ -9,7 +9,7 @@ dataclass), so transforms whose probability is 0 are not even traced.
 
 Conventions
     image (B, X, Y, Z, C) float32, channels last; label (B, X, Y, Z) int; mask (B, X, Y, Z)
-    float {0, 1}: "this voxel is labelled" (label budgeting, SPEC 3). The mask follows exactly the
+    float {0, 1}: "this voxel is labelled" (label budgeting, Richter & Fetit). The mask follows exactly the
     label's spatial transform (nearest neighbour); voxels sampled from outside the input get
     image 0, label 0 and mask 0 (unlabelled), so a masked loss never trains on padding.
 
@@ -307,7 +307,7 @@ NEONATAL = AugmentParams(
 )
 
 # DeepLesionBrain IQDA, the paper's values: always one of blur / unsharp / axial mean filter,
-# unsharp alpha 1 (SPEC rule: paper value is the default).
+# unsharp alpha 1.
 DLB_IQDA = AugmentParams(iqda=True, iqda_p_none=0.0, iqda_alpha=(1.0, 1.0))
 
 # DeepLesionBrain IQDA as the later reference code does it: p(none) 0.1, alpha ~ U(1, 5).

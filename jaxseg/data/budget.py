@@ -1,4 +1,4 @@
-"""Label budgeting (neonatal paper, SPEC section 3): which 2D slices of a case count as labelled.
+"""Label budgeting (Richter & Fetit, the dHCP neonatal paper): which 2D slices of a case count as labelled.
 
 Host-side numpy. A case keeps a fraction of its slices along one axis (sagittal = array axis 0,
 coronal = 1, axial = 2, or "random": one of the three per case), drawn without replacement from

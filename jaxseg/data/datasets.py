@@ -458,6 +458,9 @@ def read_manifest(
     A row whose image or label file does not exist raises :class:`DataError`
     ``"<csv>: row <n> (line <l>), column '<col>': file not found: <path>"`` (with
     ``strict=False`` the message goes into the record's ``problem`` instead).
+
+    Long on purpose: one check after another on the header, then on each row, each with its own
+    message naming the file, row and column.
     """
     csv_path = Path(csv_path).resolve()
     base = csv_path.parent

@@ -85,8 +85,9 @@ def run_ablation(cfg: DLBAblationConfig, workdir, *, log=print) -> dict:
     s = cfg.synth
     if not (dataset / "dataset.json").exists():
         t0 = time.perf_counter()
-        write_cohort(dataset, s.n_subjects, seed=s.seed, spacing=s.spacing, flavour="lesion", strata={"control": 1.0},
-                     sites=s.sites, n_test=s.n_test, lesion_radius_mm=s.lesion_radius_mm)
+        # MS-like lesions on control anatomy only
+        write_cohort(dataset, dataclasses.replace(s, flavour="lesion", p_ventriculomegaly=0.0,
+                                                  p_cerebellar_hypoplasia=0.0))
         timings["synth_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     prepare(dataset, store_root, crop=False, progress=False)

@@ -448,6 +448,9 @@ def write_report(
     (existing PNGs, e.g. from :func:`~jaxseg.evaluation.plots.worst_case_overlays`, copied into
     ``plots/``); then ``extra_sections`` (title -> markdown) verbatim.
 
+    Long on purpose: the report's sections in reading order, each a few lines appending blocks to
+    one list that the markdown and HTML writers render; the tables and plots are helpers.
+
     ``methods`` default: the rows' methods in first-seen order. Numbers have 3 decimals.
     For a lower-is-better metric (``hd95``) the worst-case tail is the *high* percentiles: pass
     ``percentiles=(50, 75, 90, 95)``.

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -279,11 +279,9 @@ def sliding_window_logits(
     :func:`gaussian_importance_map`). ``progress``: a tqdm bar over the window batches.
     """
     patch = _triple(patch_size, "patch_size")
-    image = np.asarray(image)
+    image = np.asarray(image, dtype=np.float32)
     if image.ndim != 4:
         raise ValueError(f"image must be (X, Y, Z, C) channels-last, got shape {image.shape}")
-    if image.dtype != np.float32:
-        image = image.astype(np.float32)
     if int(num_classes) < 1:
         raise ValueError(f"num_classes must be >= 1, got {num_classes}")
     if int(window_batch) < 1:
@@ -310,67 +308,15 @@ def sliding_window_logits(
     starts = window_starts(pshape, patch, step)
     n_win = len(starts)
     bsz = min(int(window_batch), n_win)
-    n_batches = -(-n_win // bsz)
 
     wsum = np.zeros(pshape, dtype=np.float32)
     for s in starts:
         wsum[s[0]:s[0] + patch[0], s[1]:s[1] + patch[1], s[2]:s[2] + patch[2]] += weight
 
-    if accumulate == "host":
-        acc = np.zeros((*pshape, k), dtype=np.float32)
-        weight4 = weight[..., None]
-    else:
-        acc = jnp.zeros((*pshape, k), dtype=jnp.float32)
-        weight_dev = jnp.asarray(weight)[..., None]
-
     ages: list[Any] = []
-    checked = False
-    pending: tuple | None = None  # (logits on device, batch starts, n valid): host accumulation lags one batch
-
-    def host_add(logits_dev, bstarts, nvalid):
-        logits_np = np.asarray(logits_dev)
-        for i in range(nvalid):
-            x, y, z = bstarts[i]
-            acc[x:x + patch[0], y:y + patch[1], z:z + patch[2]] += logits_np[i] * weight4
-
-    from tqdm.auto import tqdm
-
-    for b in tqdm(range(n_batches), desc="windows", unit="batch", disable=not progress, leave=False):
-        bstarts = starts[b * bsz:(b + 1) * bsz]
-        nvalid = len(bstarts)
-        # A fresh buffer per batch: on the CPU backend jnp.asarray may alias numpy memory, and the
-        # computation runs asynchronously, so a reused buffer could be overwritten while read.
-        buf = np.zeros((bsz, *patch, image.shape[3]), dtype=np.float32)
-        for i, (x, y, z) in enumerate(bstarts):
-            buf[i] = padded[x:x + patch[0], y:y + patch[1], z:z + patch[2]]
-        logits, age = _split_output(fn(jnp.asarray(buf)))
-        if not checked:
-            want = (bsz, *patch, k)
-            if tuple(logits.shape) != want:
-                raise ValueError(f"apply_fn returned logits of shape {tuple(logits.shape)} for windows of shape "
-                                 f"{buf.shape}; expected {want} (num_classes={k})")
-            if age is not None and int(np.prod(age.shape)) != bsz:
-                raise ValueError(f"apply_fn returned an age of shape {tuple(age.shape)}; expected ({bsz},)")
-            checked = True
-        if age is not None:
-            ages.append((jnp.reshape(age, (bsz,)), nvalid))
-        if accumulate == "host":
-            if pending is not None:
-                host_add(*pending)
-            pending = (logits, bstarts, nvalid)
-        else:
-            st = np.zeros((bsz, 3), dtype=np.int32)
-            st[:nvalid] = bstarts
-            valid = np.zeros((bsz,), dtype=np.float32)
-            valid[:nvalid] = 1.0
-            acc = _device_accumulate_jit(acc, jnp.asarray(logits, jnp.float32), weight_dev, jnp.asarray(st),
-                                         jnp.asarray(valid))
-    if pending is not None:
-        host_add(*pending)
-
-    out = np.asarray(acc, dtype=np.float32)
-    if not out.flags.writeable:
-        out = out.copy()
+    batches = _window_logits(fn, padded, starts, patch, bsz, k, ages, progress)
+    accumulate_fn = _accumulate_on_host if accumulate == "host" else _accumulate_on_device
+    out = accumulate_fn(batches, (*pshape, k), weight, bsz)
     np.divide(out, wsum[..., None], out=out)
     if any(a or b for a, b in pads):
         sl = tuple(slice(a, a + n) for (a, _), n in zip(pads, orig_shape))
@@ -382,6 +328,73 @@ def sliding_window_logits(
         mean_age = float(vals.mean())
     extra = {"age": mean_age, "n_windows": n_win, "starts": starts, "padding": pads, "batch_size": bsz}
     return out, extra
+
+
+def _window_logits(fn, padded, starts, patch, bsz, k, ages: list, progress: bool) -> Iterator[tuple]:
+    """(logits on the device (bsz, *patch, k), the batch's window starts, n valid) per batch of `bsz`
+    windows of `padded`, the last one filled with zero windows; each batch's ages (bsz,) and its n valid
+    are appended to `ages`. The first batch's output shapes are checked against `k` and `bsz`."""
+    from tqdm.auto import tqdm
+
+    n_batches = -(-len(starts) // bsz)
+    for b in tqdm(range(n_batches), desc="windows", unit="batch", disable=not progress, leave=False):
+        bstarts = starts[b * bsz:(b + 1) * bsz]
+        nvalid = len(bstarts)
+        # A fresh buffer per batch: on the CPU backend jnp.asarray may alias numpy memory, and the
+        # computation runs asynchronously, so a reused buffer could be overwritten while read.
+        buf = np.zeros((bsz, *patch, padded.shape[3]), dtype=np.float32)
+        for i, (x, y, z) in enumerate(bstarts):
+            buf[i] = padded[x:x + patch[0], y:y + patch[1], z:z + patch[2]]
+        logits, age = _split_output(fn(jnp.asarray(buf)))
+        if b == 0:
+            want = (bsz, *patch, k)
+            if tuple(logits.shape) != want:
+                raise ValueError(f"apply_fn returned logits of shape {tuple(logits.shape)} for windows of shape "
+                                 f"{buf.shape}; expected {want} (num_classes={k})")
+            if age is not None and int(np.prod(age.shape)) != bsz:
+                raise ValueError(f"apply_fn returned an age of shape {tuple(age.shape)}; expected ({bsz},)")
+        if age is not None:
+            ages.append((jnp.reshape(age, (bsz,)), nvalid))
+        yield logits, bstarts, nvalid
+
+
+def _accumulate_on_host(batches, shape, weight, bsz) -> np.ndarray:
+    """Sum of logits x weight per window in a numpy array of `shape` (X, Y, Z, K). The host adds a batch
+    only after the next one was dispatched, so the device computes while the host accumulates."""
+    acc = np.zeros(shape, dtype=np.float32)
+    weight4 = weight[..., None]
+    patch = weight.shape
+
+    def add(logits_dev, bstarts, nvalid):
+        logits_np = np.asarray(logits_dev)
+        for i in range(nvalid):
+            x, y, z = bstarts[i]
+            acc[x:x + patch[0], y:y + patch[1], z:z + patch[2]] += logits_np[i] * weight4
+
+    pending = None
+    for batch in batches:
+        if pending is not None:
+            add(*pending)
+        pending = batch
+    if pending is not None:
+        add(*pending)
+    return acc
+
+
+def _accumulate_on_device(batches, shape, weight, bsz) -> np.ndarray:
+    """Sum of logits x weight per window in a device array of `shape` (X, Y, Z, K), donated from batch
+    to batch; the padding windows of the last batch are masked out. Returns a writeable numpy copy."""
+    acc = jnp.zeros(shape, dtype=jnp.float32)
+    weight_dev = jnp.asarray(weight)[..., None]
+    for logits, bstarts, nvalid in batches:
+        st = np.zeros((bsz, 3), dtype=np.int32)
+        st[:nvalid] = bstarts
+        valid = np.zeros((bsz,), dtype=np.float32)
+        valid[:nvalid] = 1.0
+        acc = _device_accumulate_jit(acc, jnp.asarray(logits, jnp.float32), weight_dev, jnp.asarray(st),
+                                     jnp.asarray(valid))
+    out = np.asarray(acc, dtype=np.float32)
+    return out if out.flags.writeable else out.copy()
 
 
 def sliding_window_ensemble(apply_fns: Sequence[Callable], image: np.ndarray, patch_size: Sequence[int],

@@ -346,7 +346,9 @@ def import_dynunet(
 
     seg[0] is DynUNet's output_block; with deep supervision seg[k] (k = 1..deep_supr_num) is
     deep_supervision_heads[k-1] at its own resolution (DynUNet's training-mode forward interpolates
-    these to full size and stacks them behind the output)."""
+    these to full size and stacks them behind the output).
+    Long on purpose: the signature is DynUNet's constructor argument for argument, and the body one
+    checked map from its state_dict names to UNet3D's tree, read in one place."""
     if spatial_dims != 3:
         raise ValueError(f"spatial_dims={spatial_dims}: only 3D DynUNets are supported")
     n = len(strides)
@@ -446,7 +448,8 @@ def import_plain_conv_unet(
     plans give norm_op InstanceNorm3d with {"eps": 1e-5, "affine": True} and nonlin LeakyReLU.
 
     deep_supervision picks the jaxseg model's heads (every decoder level, seg[0] = seg_layers[-1]) or
-    only seg_layers[-1]; nnU-Net stores all seg layers either way, so both load from any checkpoint."""
+    only seg_layers[-1]; nnU-Net stores all seg layers either way, so both load from any checkpoint.
+    Long on purpose, like import_dynunet: PlainConvUNet's constructor and one checked name map."""
     if _name(conv_op) != "conv3d":
         raise ValueError(f"conv_op {conv_op!r}: only 3D (Conv3d) networks are supported")
     n = int(n_stages)

@@ -1,4 +1,5 @@
-"""Losses: per-sample segmentation losses, deep supervision and DRO (see SPEC sections 1-2)."""
+"""Losses: per-sample segmentation losses, deep supervision and DRO (nnU-Net, Isensee et al. 2021;
+Fidon et al. 2021, nnU-Net-DRO)."""
 
 from jaxseg.losses.deep_supervision import deep_supervision_loss, downsample_nearest, ds_weights
 from jaxseg.losses.dro import (

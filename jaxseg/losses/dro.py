@@ -1,4 +1,4 @@
-"""Distributionally robust optimisation (Fidon et al., nnU-Net-DRO; SPEC section 2).
+"""Distributionally robust optimisation (Fidon et al. 2021, nnU-Net-DRO, section 2 and supplement).
 
 Minimise a percentile of the per-volume loss instead of its mean:
 

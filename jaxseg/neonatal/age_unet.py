@@ -1,4 +1,4 @@
-"""The AgeU-Net study (Richter & Fetit, section 3.3; SPEC section 3) on the synthetic tissue cohort.
+"""The AgeU-Net study (Richter & Fetit, the dHCP neonatal paper, section 3.3) on the synthetic tissue cohort.
 
 `run_age_study(cfg, workdir)`: synth (tissue flavour, ages 26-45 weeks PMA) -> prepare -> the
 figure of the cohort's age effect -> four runs with the same data, steps and segmentation settings:

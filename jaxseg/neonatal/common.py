@@ -1,6 +1,6 @@
 """What the neonatal studies share: the synthetic tissue cohort (written and prepared once per study
 workdir), per-case Dice against the reference labels, image folders for `predict`, and the figure of
-the cohort's age effect (SPEC section 3: the age experiments need one the network can see)."""
+the cohort's age effect (Richter & Fetit's age experiments need one the network can see)."""
 
 from __future__ import annotations
 
@@ -43,9 +43,7 @@ def tissue_cohort(cfg: NeonatalConfig, workdir: Path, *, progress: bool = True, 
     raw, store_dir = workdir / "data" / "raw", workdir / "data" / "store"
     t = time.perf_counter()
     if not (raw / "dataset.json").exists():
-        s = cfg.synth
-        write_cohort(raw, s.n_subjects, seed=s.seed, spacing=s.spacing, flavour="tissue", strata=s.strata(),
-                     sites=s.sites, n_test=s.n_test, progress=progress, overwrite=True)
+        write_cohort(raw, dataclasses.replace(cfg.synth, flavour="tissue"), progress=progress, overwrite=True)
     timings["synth_s"] = time.perf_counter() - t
     t = time.perf_counter()
     prepare(raw, store_dir, progress=progress)

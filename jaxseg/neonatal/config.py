@@ -23,7 +23,7 @@ class TransferConfig(_Section):
     strategies: tuple[Literal["none", "shallow", "medium", "deep", "full", "scratch"], ...] = (
         "none", "shallow", "medium", "deep", "full", "scratch")
     finetune_steps: int = 100      # fine-tuning and from-scratch runs alike (train.* sets pre-training)
-    finetune_lr: float = 1e-3      # the paper's fine-tuning lr (SPEC 3)
+    finetune_lr: float = 1e-3      # the paper's fine-tuning lr (Richter & Fetit)
     scratch_lr: float | None = None  # null: optim.lr (a fresh network, as pre-training)
 
     def _validate(self) -> None:

@@ -1,5 +1,5 @@
 """CSV manifest (jaxseg.data.datasets) from the dHCP structural-pipeline derivatives, with the
-neonatal paper's splits (SPEC 3).
+neonatal paper's splits (Richter & Fetit).
 
 Layout (dHCP neonatal release 3; ``ROOT`` is the dataset root holding
 ``derivatives/dhcp_anat_pipeline``, or the ``dhcp_anat_pipeline`` folder itself)::

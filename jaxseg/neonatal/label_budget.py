@@ -1,4 +1,4 @@
-"""The label-budgeting study (Richter & Fetit, Table 3; SPEC section 3) on the synthetic tissue cohort.
+"""The label-budgeting study (Richter & Fetit, the dHCP neonatal paper, Table 3) on the synthetic tissue cohort.
 
 `run_label_budget(cfg, workdir)`: synth (tissue flavour) -> prepare -> five training runs at an equal
 budget of labelled 2D slices and an equal number of steps -> predict the validation and test splits
@@ -52,7 +52,7 @@ SETTINGS = (
     ("axial", True, "axial"),
     ("full", False, None),
 )
-# Paper Table 3, test mean Dice (SPEC section 3; all at 20 epochs).
+# Paper Table 3, test mean Dice (Richter & Fetit; all at 20 epochs).
 PAPER_TABLE3_TEST = {"random": 0.910, "sagittal": 0.900, "coronal": 0.913, "axial": 0.905, "full": 0.852}
 COLUMNS = ("setting", "subjects", "labelled_slices", "labelled_voxels", "val_dice_all", "val_dice_fg",
            "test_dice_all", "test_dice_fg", "n_val", "n_test", "best_step", "train_val_dice")

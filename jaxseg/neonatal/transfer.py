@@ -1,4 +1,4 @@
-"""The transfer-learning study (Richter & Fetit section 3.5, Table 4 / Figure 11; SPEC section 3) on the
+"""The transfer-learning study (Richter & Fetit section 3.5, Table 4 / Figure 11) on the
 synthetic tissue cohort.
 
 `run_transfer_study(cfg, workdir)`: synth (tissue flavour, ages 26-45 weeks) -> prepare -> roles by

@@ -1,4 +1,4 @@
-"""Transfer-learning strategies of the neonatal paper (SPEC 3) as parameter masks over U-Net stages.
+"""Transfer-learning strategies of the neonatal paper (Richter & Fetit, dHCP) as parameter masks over U-Net stages.
 
 The strategies say which U-Net stages are trained, counted from the bottleneck outwards (the paper's
 "from the inside to the outside"). With `n` stages the UNet3D parameter tree is ``encoder_0 ..

@@ -1,12 +1,15 @@
 """`train_and_evaluate(cfg, workdir)`: the training loop, read top to bottom.
 
-Sections: run directory -> mesh -> input -> model and sharded init -> step -> checkpoint/resume ->
-loop (batch, step, DRO table, non-finite guard, logs, checkpoints, validation) -> final save.
+Sections, each a function below `_train_and_evaluate` in the order it calls them (big_vision's
+train.py): run directory -> mesh -> input -> model and sharded init (eval_shape) -> step (jit or pmap,
+jaxseg.train.parallel; the state donated) -> checkpoint/resume -> loop (batch, step, DRO table,
+non-finite guard, logs, checkpoints, validation) -> summary.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import math
@@ -15,19 +18,21 @@ import platform
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from importlib import metadata
 from pathlib import Path
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.experimental import multihost_utils
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from jaxseg import distributed, locks, runtime
 from jaxseg.config import Config, restrict, save_config
 from jaxseg.data import store
-from jaxseg.data.augment import PRESETS, for_patch
+from jaxseg.data.augment import PRESETS, AugmentParams, for_patch
 from jaxseg.data.budget import slice_mask
 from jaxseg.data.pipeline import CaseSampler, CaseSource, PatchBatchIterator
 from jaxseg.fileio import write_text_atomic
@@ -38,8 +43,8 @@ from jaxseg.models import build_model, model_topology
 from jaxseg.train import checkpoint as ckpt
 from jaxseg.train import finetune
 from jaxseg.train.optim import make_optimizer
-from jaxseg.train.step import (init_state, jit_step, make_step, pmap_step, replicate,
-                               split_for_pmap, unreplicate)
+from jaxseg.train.parallel import Runner, make_runner
+from jaxseg.train.step import init_state
 
 log = logging.getLogger("jaxseg.train")
 
@@ -276,6 +281,12 @@ def train_and_evaluate(cfg: Config, workdir: str | os.PathLike, *, max_steps: in
                        progress: bool = True) -> dict:
     """Train `cfg` in `workdir`, resuming from its last checkpoint if there is one.
 
+    Without one, the parameters come from `train.init_from` when it is set (another run's best/last
+    checkpoint; a fresh optimiser), else from random init; `train.finetune` freezes U-Net stages.
+
+    `max_steps` stops early (tests, and a run killed and resumed must match one that was not: the
+    schedule still follows train.epochs x train.steps_per_epoch). Returns a summary dict.
+
     One writer per run directory: process 0 holds `workdir`'s lock (jaxseg.locks) for the whole run;
     a second run on it fails at once with a LockError naming the holder.
     """
@@ -289,37 +300,90 @@ def train_and_evaluate(cfg: Config, workdir: str | os.PathLike, *, max_steps: in
 
 def _train_and_evaluate(cfg: Config, workdir: str | os.PathLike, *, max_steps: int | None = None,
                         progress: bool = True) -> dict:
-    """Train `cfg` in `workdir`, resuming from its last checkpoint if there is one.
-
-    Without one, the parameters come from `train.init_from` when it is set (another run's best/last
-    checkpoint; a fresh optimiser), else from random init; `train.finetune` freezes U-Net stages.
-
-    `max_steps` stops early (tests, and a run killed and resumed must match one that was not: the
-    schedule still follows train.epochs x train.steps_per_epoch). Returns a summary dict.
-    """
-    # --- Run directory ------------------------------------------------------------------------
-    distributed.initialize()
-    # A finished `prepare` whose classes / channels match the config, checked before anything is written.
-    store.check_for_training(cfg.data.store, num_classes=cfg.data.num_classes, num_channels=cfg.data.num_channels)
+    """The sections in order: run directory, mesh, input, model and sharded init, step, checkpoint or
+    resume, loop, summary."""
     workdir = Path(workdir)
     main = distributed.is_main_process()
-    if main:
-        workdir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, workdir / "config.yaml")
-        run_info = run_record(cfg)
-        write_text_atomic(workdir / "run.json", json.dumps(run_info, indent=2) + "\n")
+    run_info = start_run_directory(cfg, workdir) if main else None
+    mesh = make_mesh(cfg)
+    data = make_input(cfg)
+    net = make_network(cfg, data.patch, mesh)
+    runner = make_runner(cfg.train.parallel, net.model, cfg, net.optimizer, data.aug, data.patch, mesh)
+    mgrs = Checkpoints(ckpt.manager(workdir / "ckpt", cfg.train.keep_checkpoints), ckpt.manager(workdir / "best", 1))
+    try:
+        state, best, init_source, latest = initial_state(cfg, workdir, net, data.iterator, mgrs.last, mesh)
+    except BaseException:
+        data.iterator.close()
+        mgrs.close()
+        raise
+    if main:  # steps after the checkpoint are replayed and logged again
+        truncate_metrics(workdir / "metrics.jsonl", latest or 0)
+        transfer = net.transfer | ({"init_from": init_source} if init_source is not None else {})
+        if transfer:
+            write_text_atomic(workdir / "run.json", json.dumps({**run_info, "transfer": transfer}, indent=2) + "\n")
+    state = runner.to_device(state)
     total_steps = cfg.train.epochs * cfg.train.steps_per_epoch
     stop_at = total_steps if max_steps is None else min(total_steps, max_steps)
+    try:
+        state, step, skipped, best = run_steps(cfg, workdir, state, runner, data, net, mgrs, best, init_source,
+                                               stop_at, progress=progress and main)
+    finally:
+        data.iterator.close()
+        mgrs.close()
+    return {"step": step, "total_steps": total_steps, "skipped_steps": skipped, "best": best,
+            "params": runner.to_host(state).params, "train_cases": data.train_ids, "val_cases": data.val_ids,
+            "dro_table": np.asarray(data.sampler.table)}
 
-    # --- Mesh ---------------------------------------------------------------------------------
+
+# --- Run directory ----------------------------------------------------------------------------------
+
+
+def start_run_directory(cfg: Config, workdir: Path) -> dict:
+    """config.yaml and run.json in `workdir` (process 0), after checking the store fits the config:
+    a finished `prepare` whose classes / channels match, before anything is written. Returns run.json's
+    record."""
+    store.check_for_training(cfg.data.store, num_classes=cfg.data.num_classes, num_channels=cfg.data.num_channels)
+    workdir.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, workdir / "config.yaml")
+    run_info = run_record(cfg)
+    write_text_atomic(workdir / "run.json", json.dumps(run_info, indent=2) + "\n")
+    return run_info
+
+
+# --- Mesh -------------------------------------------------------------------------------------------
+
+
+def make_mesh(cfg: Config):
+    """The device mesh (axis `data`), after checking the batch splits over it."""
     mesh = distributed.make_mesh()
-    repl = NamedSharding(mesh, P())
-    data_sharding = NamedSharding(mesh, P("data"))
     n_dev = jax.device_count()
     if cfg.data.batch_size % n_dev:
         raise TrainingError(f"data.batch_size={cfg.data.batch_size} must be divisible by the {n_dev} devices")
+    if cfg.train.parallel == "pmap" and jax.process_count() > 1:
+        raise TrainingError("train.parallel=pmap is single-process here; use jit for multi-host runs")
+    return mesh
 
-    # --- Input --------------------------------------------------------------------------------
+
+# --- Input ------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Input:
+    """The host side of training: which cases, how they are drawn, and the patch batches."""
+
+    store_root: Path
+    train_ids: list
+    val_ids: list
+    source: CaseSource
+    sampler: CaseSampler
+    iterator: PatchBatchIterator
+    ages: np.ndarray | None  # per training case, for the AgeU-Net target
+    strata: list[str]  # per training case
+    patch: tuple
+    aug: AugmentParams
+
+
+def make_input(cfg: Config) -> Input:
     store_root = Path(cfg.data.store)
     all_train = CaseSource(store_root, split="train")
     train_ids, val_ids = select_cases(all_train.case_ids, cfg, store_root)
@@ -340,19 +404,41 @@ def _train_and_evaluate(cfg: Config, workdir: str | os.PathLike, *, max_steps: i
     margin = tuple(0 if a == aug.dummy_2d_axis else int(math.ceil(p * 0.25)) for a, p in enumerate(patch)) \
         if aug.needs_resampling else (0, 0, 0)
     budget = cfg.data.label_budget
+
     def budget_mask(case_id, shape):
         return slice_mask(shape, budget.axis, budget.fraction, budget.exclude_border, seed=cfg.seed,
                           case_id=case_id)
 
-    mask_fn = budget_mask if budget.enabled else None
     iterator = PatchBatchIterator(source, sampler, batch_size=cfg.data.batch_size, patch_size=patch,
                                   margin=margin, foreground_oversampling=cfg.data.foreground_oversampling,
                                   oversample=cfg.data.oversample,
                                   threads=cfg.data.threads, prefetch=cfg.data.prefetch, seed=cfg.seed,
-                                  mask_fn=mask_fn)
+                                  mask_fn=budget_mask if budget.enabled else None)
+    strata = [str(m.get("stratum") or "none") for m in source.metas]
+    return Input(store_root, train_ids, val_ids, source, sampler, iterator, ages, strata, patch, aug)
 
-    # --- Model, optimiser, sharded init -----------------------------------------------------------
+
+# --- Model, optimiser, sharded init ------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Network:
+    """The model, its optimiser, and the state's shapes and shardings known before any array exists."""
+
+    model: Any
+    optimizer: Any
+    abstract_params: Any
+    abstract_state: Any  # ShapeDtypeStructs, replicated on the mesh
+    make_state: Callable  # init key -> a fresh, sharded TrainState
+    state_from: Callable  # params -> a TrainState with a fresh optimiser, sharded
+    init_key: jax.Array
+    step_key: jax.Array
+    transfer: dict  # for run.json, when the run fine-tunes
+
+
+def make_network(cfg: Config, patch, mesh) -> Network:
     model = build_model(cfg)
+    repl = NamedSharding(mesh, P())
     x_spec = jnp.zeros((1, *patch, cfg.data.num_channels), jnp.float32)
     init_key, step_key = jax.random.split(jax.random.key(cfg.seed))
     abstract_params = jax.eval_shape(lambda k: model.init(k, x_spec)["params"], init_key)
@@ -361,183 +447,185 @@ def _train_and_evaluate(cfg: Config, workdir: str | os.PathLike, *, max_steps: i
     trainable = trainable_for(cfg, abstract_params)
     optimizer = make_optimizer(cfg.optim, cfg.train.epochs, cfg.train.steps_per_epoch, params=abstract_params,
                                trainable=trainable)
-    transfer: dict = {}  # for run.json, when the run fine-tunes
+    transfer: dict = {}
     if trainable is not None or cfg.train.init_from is not None:
         transfer["finetune"] = cfg.train.finetune
         transfer["trainable"] = finetune.describe(trainable if trainable is not None else
                                                   jax.tree.map(lambda _: True, abstract_params), abstract_params)
         log.info("fine-tuning (train.finetune=%s): %s", cfg.train.finetune, transfer["trainable"])
+    # The state is built where it lives: jit with replicated out_shardings, never on one device first.
     abstract_state = jax.eval_shape(lambda p: init_state(p, optimizer), abstract_params)
+    abstract_state = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=repl), abstract_state)
     state_sharding = jax.tree.map(lambda _: repl, abstract_state)
     make_state = jax.jit(lambda k: init_state(model.init(k, x_spec)["params"], optimizer),
                          out_shardings=state_sharding)
     state_from = jax.jit(lambda p: init_state(p, optimizer), out_shardings=state_sharding)
+    return Network(model, optimizer, abstract_params, abstract_state, make_state, state_from, init_key, step_key,
+                   transfer)
 
-    # --- Step -------------------------------------------------------------------------------------
-    if cfg.train.parallel == "pmap":
-        if jax.process_count() > 1:
-            raise TrainingError("train.parallel=pmap is single-process here; use jit for multi-host runs")
-        train_step = pmap_step(make_step(model, cfg, optimizer, aug, patch, axis_name="data"))
-    else:
-        train_step = jit_step(make_step(model, cfg, optimizer, aug, patch), mesh)
 
-    # --- Checkpoint / resume ------------------------------------------------------------------------
-    last_mgr = ckpt.manager(workdir / "ckpt", cfg.train.keep_checkpoints)
-    best_mgr = ckpt.manager(workdir / "best", 1)
+# --- Checkpoint / resume ------------------------------------------------------------------------------
+
+
+class Checkpoints(NamedTuple):
+    last: Any  # the last `train.keep_checkpoints` steps (resume)
+    best: Any  # the best validation Dice
+
+    def close(self) -> None:
+        self.last.close()
+        self.best.close()
+
+
+def initial_state(cfg: Config, workdir: Path, net: Network, iterator, last_mgr, mesh):
+    """(state, best, init_source, resumed step or None): the run's own last checkpoint (state, iterator
+    position, DRO table and best so far), else `train.init_from`'s parameters, else random init."""
     best = {"val_dice": -math.inf, "step": None}
     latest = last_mgr.latest_step()
-    try:
-        if latest is not None:
-            # A resumed run continues from its own checkpoint; train.init_from is not read again (it is in
-            # the fingerprint, so a different one is refused here).
-            ckpt.check_compatible(ckpt.read_meta(last_mgr, latest), cfg, workdir)
-            restore_target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=repl),
-                                          abstract_state)
-            state, meta = ckpt.restore(last_mgr, latest, restore_target, iterator)
-            best = meta.get("best", best)
-            init_source = meta.get("init_source")
-            log.info("resumed from step %d", latest)
-            if main:
-                print(f"{workdir}: resumed from step {latest}", file=sys.stderr, flush=True)
-        elif cfg.train.init_from is not None:
-            # The parameters of another run (its best checkpoint, else its last), checked against this
-            # model; the optimiser state starts fresh. Every process reads the same checkpoint.
-            loaded, src_meta, where = ckpt.load_init_params(cfg.train.init_from)
-            host_params = match_params(loaded, abstract_params, cfg.train.init_from)
-            params = jax.tree.map(lambda a: jax.make_array_from_callback(a.shape, repl, lambda i, a=a: a[i]),
-                                  host_params)
-            state = state_from(params)
-            init_source = {"path": str(Path(where).absolute()), "step": src_meta.get("step"),
-                           "fingerprint": src_meta.get("fingerprint")}
-            log.info("initialised the parameters from %s (step %s)", where, src_meta.get("step"))
-        else:
-            state = make_state(init_key)
-            init_source = None
-    except BaseException:
-        iterator.close()
-        last_mgr.close()
-        best_mgr.close()
-        raise
-    if init_source is not None:
-        transfer["init_from"] = init_source
-    if main:  # steps after the checkpoint are replayed and logged again
-        truncate_metrics(workdir / "metrics.jsonl", latest or 0)
-    if main and transfer:
-        write_text_atomic(workdir / "run.json", json.dumps({**run_info, "transfer": transfer}, indent=2) + "\n")
-    if cfg.train.parallel == "pmap":
-        state = replicate(jax.device_get(state), jax.local_devices())
+    if latest is not None:
+        # A resumed run continues from its own checkpoint; train.init_from is not read again (it is in
+        # the fingerprint, so a different one is refused here).
+        ckpt.check_compatible(ckpt.read_meta(last_mgr, latest), cfg, workdir)
+        state, meta = ckpt.restore(last_mgr, latest, net.abstract_state, iterator)
+        log.info("resumed from step %d", latest)
+        if distributed.is_main_process():
+            print(f"{workdir}: resumed from step {latest}", file=sys.stderr, flush=True)
+        return state, meta.get("best", best), meta.get("init_source"), latest
+    if cfg.train.init_from is not None:
+        # The parameters of another run (its best checkpoint, else its last), checked against this
+        # model; the optimiser state starts fresh. Every process reads the same checkpoint.
+        loaded, src_meta, where = ckpt.load_init_params(cfg.train.init_from)
+        host_params = match_params(loaded, net.abstract_params, cfg.train.init_from)
+        repl = NamedSharding(mesh, P())
+        params = jax.tree.map(lambda a: jax.make_array_from_callback(a.shape, repl, lambda i, a=a: a[i]),
+                              host_params)
+        init_source = {"path": str(Path(where).absolute()), "step": src_meta.get("step"),
+                       "fingerprint": src_meta.get("fingerprint")}
+        log.info("initialised the parameters from %s (step %s)", where, src_meta.get("step"))
+        return net.state_from(params), best, init_source, None
+    return net.make_state(net.init_key), best, None, None
 
-    def host_state(s):
-        return unreplicate(s) if cfg.train.parallel == "pmap" else s
 
-    def save(step_now: int) -> None:
-        ckpt.save(last_mgr, step_now, host_state(state), iterator,
-                  ckpt.meta_record(cfg, step_now, best=best, init_source=init_source))
+# --- Loop ---------------------------------------------------------------------------------------------
 
-    # --- Loop -------------------------------------------------------------------------------------
-    metric_log = MetricLog(workdir, main)
-    step = int(jax.device_get(host_state(state).step))
+
+def run_steps(cfg: Config, workdir: Path, state, runner: Runner, data: Input, net: Network, mgrs: Checkpoints,
+              best: dict, init_source, stop_at: int, progress: bool):
+    """Steps until `stop_at`: batch, step, DRO table, non-finite guard, logs, checkpoints, validation.
+    Returns (state, step, skipped steps, best)."""
+    total_steps = cfg.train.epochs * cfg.train.steps_per_epoch
+    metric_log = MetricLog(workdir, distributed.is_main_process())
+    step = int(jax.device_get(runner.to_host(state).step))
     bar = None
-    if progress and main:
+    if progress:
         from tqdm import tqdm
 
         bar = tqdm(total=stop_at, initial=step, unit="step", dynamic_ncols=True, desc=f"train {cfg.experiment}")
-    skipped = 0
-    t_last, steps_since = time.perf_counter(), 0
-    recent_losses: list[float] = []
-    strata = [str(m.get("stratum") or "none") for m in source.metas]
-    drawn: dict[str, int] = {}  # samples drawn per stratum since the last log line
+    train_log = TrainLog(data.strata, cfg.train.steps_per_epoch)
     try:
         while step < stop_at:
-            batch = next(iterator)
+            batch = next(data.iterator)
             feed = {k: batch[k] for k in ("image", "label", "mask", "case_index")}
-            if ages is not None:
-                feed["age"] = ages[np.asarray(batch["case_index"])]
-            table = jnp.asarray(sampler.table, jnp.float32)
-            if cfg.train.parallel == "pmap":
-                state, metrics = train_step(state, split_for_pmap(feed, jax.local_device_count()), step_key, table)
-                metrics = {k: (np.asarray(v).reshape(-1) if k in ("per_sample_loss", "weights")
-                               else np.asarray(v)[0]) for k, v in metrics.items()}
-                case_index = feed["case_index"]
-            else:
-                global_batch = {k: jax.make_array_from_process_local_data(data_sharding, v)
-                                for k, v in feed.items()}
-                state, metrics = train_step(state, global_batch, step_key, table)
-                metrics = {k: np.asarray(multihost_utils.process_allgather(v, tiled=True))
-                           if k in ("per_sample_loss", "weights") else np.asarray(v) for k, v in metrics.items()}
-                case_index = np.asarray(multihost_utils.process_allgather(global_batch["case_index"], tiled=True))
+            if data.ages is not None:
+                feed["age"] = data.ages[np.asarray(batch["case_index"])]
+            table = jnp.asarray(data.sampler.table, jnp.float32)
+            state, metrics, case_index = runner.step(state, feed, net.step_key, table)
             step += 1
-            steps_since += 1
-            for i in np.asarray(case_index).reshape(-1):
-                drawn[strata[int(i)]] = drawn.get(strata[int(i)], 0) + 1
-
-            # Non-finite guard: the step already kept the parameters; count and stop after K in a row.
+            train_log.drew(case_index)
             if not bool(metrics["finite"]):
-                skipped += 1
-                nonfinite = int(jax.device_get(host_state(state).nonfinite))
-                log.warning("step %d: non-finite loss or gradient, update skipped (%d in a row)", step, nonfinite)
-                if nonfinite >= cfg.train.max_nonfinite:
-                    raise TrainingError(
-                        f"{nonfinite} consecutive non-finite steps (train.max_nonfinite="
-                        f"{cfg.train.max_nonfinite}) at step {step}; the last good checkpoint in "
-                        f"{workdir / 'ckpt'} (step {last_mgr.latest_step()}) is intact")
+                train_log.skipped += 1
+                check_nonfinite(cfg, workdir, step, runner.to_host(state), mgrs.last)
             else:
                 # The DRO table takes this step's per-sample losses (in the process that draws cases).
-                sampler.update(case_index, metrics["per_sample_loss"])
-                recent_losses.append(float(metrics["loss"]))
-
+                data.sampler.update(case_index, metrics["per_sample_loss"])
+                train_log.losses.append(float(metrics["loss"]))
             if step % cfg.train.log_every == 0 or step == stop_at:
-                now = time.perf_counter()
-                total = sum(drawn.values())
-                record = {"loss": float(np.mean(recent_losses)) if recent_losses else float("nan"),
-                          "grad_norm": float(metrics["grad_norm"]), "steps_per_s": steps_since / (now - t_last),
-                          "skipped_steps": skipped, "epoch": step / cfg.train.steps_per_epoch,
-                          # what the step trained on: the share of drawn samples per stratum
-                          "drawn_stratum": {k: v / total for k, v in sorted(drawn.items())}}
-                drawn = {}
+                record = train_log.flush(step, metrics)
                 metric_log.write(step, **record)
                 if bar is not None:
                     bar.set_postfix(loss=f"{record['loss']:.4f}", refresh=False)
-                recent_losses, t_last, steps_since = [], now, 0
-            if d.enabled and step % d.log_every == 0:
-                tab = sampler.table
-                p = dro_math.sampling_probs(tab, d.beta, d.prob_floor)
-                hardest = np.argsort(-tab)[:3]
-                metric_log.write(
-                    step, dro_bound_a05=float(dro_math.percentile_bound(tab, 0.05, d.beta)),
-                    dro_bound_a10=float(dro_math.percentile_bound(tab, 0.10, d.beta)),
-                    dro_q95=float(np.quantile(tab, 0.95)), dro_q90=float(np.quantile(tab, 0.90)),
-                    dro_ess=float(dro_math.effective_sample_size(p)),
-                    dro_p_stratum={s: float(p[[i for i, t in enumerate(strata) if t == s]].sum())
-                                   for s in sorted(set(strata))},
-                    dro_table_spread=float(tab.max() - tab.min()),
-                    dro_hardest=[{"case": source.case_ids[i], "stratum": strata[i], "loss": float(tab[i])}
-                                 for i in hardest])
+            if cfg.dro.enabled and step % cfg.dro.log_every == 0:
+                metric_log.write(step, **dro_record(data.sampler.table, cfg.dro, data.strata, data.source.case_ids))
             if bar is not None:
                 bar.update(1)
-
             if step % cfg.train.checkpoint_every == 0 or step == stop_at:
-                save(step)
-            if val_ids and (step % (cfg.train.val_every * cfg.train.steps_per_epoch) == 0 or step == total_steps):
-                params = host_state(state).params
-                # predict's apply_fn: the highest-resolution logits (and ages); one compiled program for
-                # every validation, the parameters are an argument
-                apply_fn = make_apply_fn(model, {"params": params})
-                val = validate(apply_fn, store_root, val_ids, cfg, patch, progress=bar is not None)
-                metric_log.write(step, **val)
-                if val["val_dice"] > best["val_dice"]:
-                    best = {"val_dice": val["val_dice"], "step": step}
-                    ckpt.save(best_mgr, step, host_state(state), iterator,
-                              ckpt.meta_record(cfg, step, best=best, init_source=init_source))
+                ckpt.save(mgrs.last, step, runner.to_host(state), data.iterator,
+                          ckpt.meta_record(cfg, step, best=best, init_source=init_source))
+            if data.val_ids and (step % (cfg.train.val_every * cfg.train.steps_per_epoch) == 0
+                                 or step == total_steps):
+                best = validate_and_keep_best(cfg, step, runner.to_host(state), data, net, mgrs.best, metric_log,
+                                              best, init_source, progress=bar is not None)
     finally:
         if bar is not None:
             bar.close()
         metric_log.close()
-        iterator.close()
-        last_mgr.close()
-        best_mgr.close()
+    return state, step, train_log.skipped, best
 
-    final = host_state(state)
-    return {"step": step, "total_steps": total_steps, "skipped_steps": skipped, "best": best,
-            "params": final.params, "train_cases": train_ids, "val_cases": val_ids,
-            "dro_table": np.asarray(sampler.table)}
+
+class TrainLog:
+    """What the training log line reports between two lines: mean loss of the finite steps, steps/s,
+    and the share of drawn samples per stratum (what the steps trained on)."""
+
+    def __init__(self, strata: list[str], steps_per_epoch: int):
+        self.strata, self.steps_per_epoch = strata, steps_per_epoch
+        self.skipped = 0  # over the whole run
+        self.losses: list[float] = []
+        self.drawn: dict[str, int] = {}
+        self.steps, self.t_last = 0, time.perf_counter()
+
+    def drew(self, case_index) -> None:
+        self.steps += 1
+        for i in np.asarray(case_index).reshape(-1):
+            self.drawn[self.strata[int(i)]] = self.drawn.get(self.strata[int(i)], 0) + 1
+
+    def flush(self, step: int, metrics: dict) -> dict:
+        """The log record of the steps since the last one (`metrics`: the last step's), and a fresh start."""
+        now = time.perf_counter()
+        total = sum(self.drawn.values())
+        record = {"loss": float(np.mean(self.losses)) if self.losses else float("nan"),
+                  "grad_norm": float(metrics["grad_norm"]), "steps_per_s": self.steps / (now - self.t_last),
+                  "skipped_steps": self.skipped, "epoch": step / self.steps_per_epoch,
+                  "drawn_stratum": {k: v / total for k, v in sorted(self.drawn.items())}}
+        self.losses, self.drawn, self.t_last, self.steps = [], {}, now, 0
+        return record
+
+
+def check_nonfinite(cfg: Config, workdir: Path, step: int, host_state, last_mgr) -> None:
+    """The non-finite guard: the step already kept the parameters; stop after train.max_nonfinite in a row."""
+    nonfinite = int(jax.device_get(host_state.nonfinite))
+    log.warning("step %d: non-finite loss or gradient, update skipped (%d in a row)", step, nonfinite)
+    if nonfinite >= cfg.train.max_nonfinite:
+        raise TrainingError(
+            f"{nonfinite} consecutive non-finite steps (train.max_nonfinite="
+            f"{cfg.train.max_nonfinite}) at step {step}; the last good checkpoint in "
+            f"{workdir / 'ckpt'} (step {last_mgr.latest_step()}) is intact")
+
+
+def dro_record(tab: np.ndarray, d, strata: list[str], case_ids) -> dict:
+    """Where the DRO table stands: percentile bounds and quantiles of the per-case losses, the sampler's
+    effective sample size and mass per stratum, and the three hardest cases."""
+    p = dro_math.sampling_probs(tab, d.beta, d.prob_floor)
+    hardest = np.argsort(-tab)[:3]
+    return {
+        "dro_bound_a05": float(dro_math.percentile_bound(tab, 0.05, d.beta)),
+        "dro_bound_a10": float(dro_math.percentile_bound(tab, 0.10, d.beta)),
+        "dro_q95": float(np.quantile(tab, 0.95)), "dro_q90": float(np.quantile(tab, 0.90)),
+        "dro_ess": float(dro_math.effective_sample_size(p)),
+        "dro_p_stratum": {s: float(p[[i for i, t in enumerate(strata) if t == s]].sum())
+                          for s in sorted(set(strata))},
+        "dro_table_spread": float(tab.max() - tab.min()),
+        "dro_hardest": [{"case": case_ids[i], "stratum": strata[i], "loss": float(tab[i])} for i in hardest]}
+
+
+def validate_and_keep_best(cfg: Config, step: int, host_state, data: Input, net: Network, best_mgr, metric_log,
+                           best: dict, init_source, progress: bool) -> dict:
+    """Validation Dice logged; a better one than `best` saves the state to `best_mgr`. Returns the best."""
+    # predict's apply_fn: the highest-resolution logits (and ages); one compiled program for every
+    # validation, the parameters are an argument
+    apply_fn = make_apply_fn(net.model, {"params": host_state.params})
+    val = validate(apply_fn, data.store_root, data.val_ids, cfg, data.patch, progress=progress)
+    metric_log.write(step, **val)
+    if val["val_dice"] > best["val_dice"]:
+        best = {"val_dice": val["val_dice"], "step": step}
+        ckpt.save(best_mgr, step, host_state, data.iterator,
+                  ckpt.meta_record(cfg, step, best=best, init_source=init_source))
+    return best

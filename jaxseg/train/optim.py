@@ -1,4 +1,4 @@
-"""Optimisers and learning-rate schedules (SPEC 1 and 4)."""
+"""Optimisers and learning-rate schedules (nnU-Net, Isensee et al. 2021; Kamraoui et al., DeepLesionBrain)."""
 
 from __future__ import annotations
 

@@ -1,9 +1,10 @@
 """One training step `(state, batch, key, dro_table) -> (state, metrics)`, and its jit and pmap forms.
 
 The step augments on the device, computes per-sample losses (deep supervision, voxel masks, optional
-age MSE), weights them for DRO (SPEC 2), and applies the update only when the loss and the gradient
-are finite. Per-sample augmentation keys are `fold_in(fold_in(key, step), global sample index)`, so the
-jit (any number of devices) and pmap forms see identical augmentations.
+age MSE), weights them for DRO (Fidon et al. 2021, nnU-Net-DRO), and applies the update only when the
+loss and the gradient are finite. Per-sample augmentation keys are
+`fold_in(fold_in(key, step), global sample index)`, so the jit (any number of devices) and pmap forms
+see identical augmentations.
 """
 
 from __future__ import annotations
@@ -70,7 +71,7 @@ def per_sample_losses(model, cfg: Config, params, image, label, mask, age=None, 
 
 
 def dro_sample_weights(cfg: Config, losses, case_index, table, axis_name=None):
-    """Per-sample weights, constant w.r.t. the parameters (SPEC 2).
+    """Per-sample weights, constant w.r.t. the parameters (Fidon et al. 2021, eq. 6-7).
 
     sampling_is: clip(exp(beta (l - L_stale)), w_min, w_max), from the table before its update.
     weighting:   n * softmax(beta * L)_i with the batch's fresh losses written into the table; with uniform
