@@ -27,10 +27,10 @@ sys.path.insert(0, os.path.dirname(__file__))
 from common import environment, timeit, write_json  # noqa: E402
 
 from jaxseg.data.augment import NONE  # noqa: E402
-from jaxseg.models import CompactUNet  # noqa: E402
-from jaxseg.tiles import ensemble as ens  # noqa: E402
-from jaxseg.tiles.grid import make_grid, reference_grid  # noqa: E402
-from jaxseg.tiles.predict import make_loop_predictor, make_predictor  # noqa: E402
+from jaxseg.dlb.model import CompactUNet  # noqa: E402
+from jaxseg.dlb import ensemble as ens  # noqa: E402
+from jaxseg.dlb.grid import make_grid, reference_grid  # noqa: E402
+from jaxseg.dlb.predict import make_loop_predictor, make_predictor  # noqa: E402
 
 
 def main() -> None:

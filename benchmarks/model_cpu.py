@@ -22,7 +22,8 @@ from common import environment, set_strided, timeit, write_json  # noqa: E402
 
 from jaxseg.losses import dice_ce  # noqa: E402
 from jaxseg.losses.deep_supervision import deep_supervision_loss  # noqa: E402
-from jaxseg.models import CompactUNet, UNet3D, plan_topology  # noqa: E402
+from jaxseg.dlb.model import CompactUNet
+from jaxseg.models import UNet3D, plan_topology  # noqa: E402
 from jaxseg.models.layers import conv3d  # noqa: E402
 
 

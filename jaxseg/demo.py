@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from jaxseg.config import Config, save_config
+from jaxseg.config import SynthRunConfig, save_config
 from jaxseg.data.datasets import read_dataset
 from jaxseg.data.io import load_nifti
 from jaxseg.data.prepare import prepare
@@ -39,7 +39,7 @@ def _steps_per_s(curve: list[dict]) -> float:
     return float(np.median(rates)) if rates else float("nan")
 
 
-def run_demo(cfg: Config, workdir: str | Path, *, progress: bool = True) -> dict:
+def run_demo(cfg: SynthRunConfig, workdir: str | Path, *, progress: bool = True) -> dict:
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     save_config(cfg, workdir / "config.yaml")

@@ -15,15 +15,16 @@ import math
 import sys
 from pathlib import Path
 
-
 CONFIG_HELP = "YAML config (see configs/); defaults when omitted"
 OVERRIDES_HELP = "dotted config overrides, e.g. model.features_base=16 data.patch_size=[64,64,64]"
 
 
-def _config(args):
-    from jaxseg.config import load_config
+def _config(args, schema=None, **kwargs):
+    """The command's config: `schema` is the core config plus the sections the command reads (default:
+    the core's and the synthetic cohort's, so that `train --config configs/demo.yaml` works)."""
+    from jaxseg.config import SynthRunConfig, load_config
 
-    return load_config(args.config, args.overrides)
+    return load_config(args.config, args.overrides, schema or SynthRunConfig, **kwargs)
 
 
 def cmd_synth(args) -> None:
@@ -40,7 +41,7 @@ def cmd_prepare(args) -> None:
     from jaxseg.data.prepare import prepare
     from jaxseg.locks import hold
 
-    cfg = _config(args)
+    cfg = _config(args, ignore_sections=True)  # data.* of any experiment's config, a method's included
     spacing = _parse_spacing(args.spacing)
     store_root = args.store or cfg.data.store
     with hold(store_root, "prepare", "--store" if args.store else "data.store"):
@@ -145,49 +146,58 @@ def cmd_demo(args) -> None:
 
 
 def cmd_budget_study(args) -> None:
-    from jaxseg.studies.label_budget import run_label_budget
+    from jaxseg.neonatal.config import NeonatalConfig
+    from jaxseg.neonatal.label_budget import run_label_budget
 
-    out = run_label_budget(_config(args), args.workdir)
+    out = run_label_budget(_config(args, NeonatalConfig), args.workdir)
     print(f"label-budget table at {out['markdown']} ({out['timings']['total_s']:.0f} s)")
 
 
 def cmd_age_study(args) -> None:
-    from jaxseg.studies.age_unet import run_age_study
+    from jaxseg.neonatal.age_unet import run_age_study
+    from jaxseg.neonatal.config import NeonatalConfig
 
-    out = run_age_study(_config(args), args.workdir)
+    out = run_age_study(_config(args, NeonatalConfig), args.workdir)
     print(f"AgeU-Net table at {out['markdown']} ({out['timings']['total_s']:.0f} s)")
 
 
 def cmd_transfer_study(args) -> None:
-    from jaxseg.studies.transfer import run_transfer_study
+    from jaxseg.neonatal.config import NeonatalConfig
+    from jaxseg.neonatal.transfer import run_transfer_study
 
-    out = run_transfer_study(_config(args), args.workdir)
+    out = run_transfer_study(_config(args, NeonatalConfig), args.workdir)
     print(f"transfer-learning tables at {out['markdown']} ({out['timings']['total_s']:.0f} s)")
 
 
 def cmd_dlb_train(args) -> None:
-    from jaxseg.tiles.train import train_dlb
+    from jaxseg.dlb.config import DLBRunConfig
+    from jaxseg.dlb.ensemble import tile_mesh
+    from jaxseg.dlb.train import train_dlb
 
-    out = train_dlb(_config(args), args.workdir)
+    # The ensemble's networks sharded over every device (mesh axis `tile`); resumes a killed run.
+    out = train_dlb(_config(args, DLBRunConfig), args.workdir, mesh=tile_mesh())
     print(f"trained DeepLesionBrain ({out['method']}) into {args.workdir}")
 
 
 def cmd_dlb_predict(args) -> None:
-    from jaxseg.tiles.train import predict_dlb
+    from jaxseg.dlb.config import DLBRunConfig
+    from jaxseg.dlb.ensemble import tile_mesh
+    from jaxseg.dlb.train import predict_dlb
 
     saved = Path(args.workdir) / "config.yaml"  # what dlb-train ran with, unless --config says otherwise
     if args.config is None and saved.is_file():
         args.config = str(saved)
-    preds = predict_dlb(_config(args), args.workdir, args.output, args.case or None)
+    preds = predict_dlb(_config(args, DLBRunConfig), args.workdir, args.output, args.case or None, mesh=tile_mesh())
     print(f"wrote {len(preds)} predictions to {args.output}")
 
 
 def cmd_dlb_ablation(args) -> None:
-    from jaxseg.tiles.ablation import run_ablation
+    from jaxseg.dlb.ablation import run_ablation
+    from jaxseg.dlb.config import DLBAblationConfig
 
     if args.lesion_empty_pred:
         args.overrides = [*args.overrides, f"eval.lesion_empty_pred={args.lesion_empty_pred}"]
-    out = run_ablation(_config(args), args.workdir)
+    out = run_ablation(_config(args, DLBAblationConfig), args.workdir)
     print(f"ablation table at {Path(args.workdir) / 'table.md'} ({out['timings']['total_s']:.0f} s)")
 
 

@@ -7,7 +7,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxseg.models import CompactUNet, UNet3D, plan_topology
+from jaxseg.dlb.model import CompactUNet
+from jaxseg.models import UNet3D, plan_topology
 
 
 def cases():

@@ -19,6 +19,7 @@ from jaxseg.config import (
     dump_config,
     from_dict,
     load_config,
+    restrict,
     save_config,
     to_dict,
 )
@@ -101,12 +102,20 @@ def test_dump_keeps_field_order():
     assert "patch_size: [64, 64, 64]" in text
 
 
-def test_base_yaml_is_the_defaults():
-    assert load_config(BASE_YAML) == Config()
-    # and it lists every key (not only the ones that differ from the defaults)
-    import yaml
+def _schemas():
+    from jaxseg.config import SynthRunConfig
+    from jaxseg.dlb.config import DLBRunConfig
 
-    raw = yaml.safe_load(BASE_YAML.read_text())
+    return [("base.yaml", Config), ("synth_base.yaml", SynthRunConfig), ("dlb_base.yaml", DLBRunConfig)]
+
+
+@pytest.mark.parametrize("name", ["base.yaml", "synth_base.yaml", "dlb_base.yaml"])
+def test_base_yaml_is_the_defaults(name):
+    schema = dict(_schemas())[name]
+    path = REPO / "configs" / name
+    assert load_config(path, schema=schema) == schema()
+    # and it lists every key (not only the ones that differ from the defaults), its own section's included
+    import yaml
 
     def keys(d, prefix=""):
         out = set()
@@ -116,7 +125,41 @@ def test_base_yaml_is_the_defaults():
                 out |= keys(v, prefix + k + ".")
         return out
 
-    assert keys(raw) == keys(to_dict(Config()))
+    raw = yaml.safe_load(path.read_text())
+    raw.pop("base", None)
+    own = keys(to_dict(schema())) - keys(to_dict(Config())) if schema is not Config else keys(to_dict(Config()))
+    assert keys(raw) == own
+
+
+def test_core_config_holds_no_method_section(tmp_path):
+    """A method's keys are not in every run's config: the core refuses them, naming the file / override
+    and the key; the method's own config takes them with typed access and validation."""
+    from jaxseg.dlb.config import DLBAblationConfig, DLBRunConfig
+    from jaxseg.neonatal.config import NeonatalConfig
+
+    core = {f.name for f in dataclasses.fields(Config)}
+    assert not core & {"dlb", "transfer", "synth"}
+    assert not {"dlb:", "synth:", "transfer:"} & set(dump_config(Config()).splitlines())
+    path = write(tmp_path / "m.yaml", "dlb:\n  tile_size: 16\n")
+    with pytest.raises(ConfigError, match=r"m\.yaml: dlb: unknown key"):
+        load_config(path)
+    with pytest.raises(ConfigError, match=r"<override> 'transfer.n_old=3'.*transfer: unknown key"):
+        load_config(None, ["transfer.n_old=3"])
+    assert load_config(path, ["dlb.method=generic"], DLBRunConfig).dlb.tile_size == 16
+    with pytest.raises(ConfigError, match=r"m2\.yaml: dlb\.tile_size: must be a positive multiple of 8"):
+        load_config(write(tmp_path / "m2.yaml", "dlb:\n  tile_size: 12\n"), schema=DLBRunConfig)
+    with pytest.raises(ConfigError, match=r"dlb\.tile_sise: unknown key"):
+        load_config(None, ["dlb.tile_sise=8"], DLBRunConfig)
+    assert load_config(None, ["transfer.n_old=5"], NeonatalConfig).transfer.n_old == 5
+    abl = load_config(REPO / "configs" / "dlb_ablation_synth.yaml", schema=DLBAblationConfig)
+    assert abl.synth.flavour == "lesion" and abl.dlb.tile_size == 24
+    # a run keeps the sections it uses: restrict() drops the rest, and the result round-trips
+    run = restrict(abl, DLBRunConfig)
+    assert type(run) is DLBRunConfig and "synth:" not in dump_config(run).splitlines() and run.dlb == abl.dlb
+    save_config(run, tmp_path / "run.yaml")
+    assert load_config(tmp_path / "run.yaml", schema=DLBRunConfig) == run
+    # prepare reads data.* from any experiment's config: the other sections are dropped, not refused
+    assert load_config(REPO / "configs" / "dlb_msseg.yaml", ignore_sections=True).data.num_channels == 2
 
 
 def test_partial_file_takes_defaults(tmp_path):

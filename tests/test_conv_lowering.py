@@ -147,7 +147,7 @@ def test_vmapped_gradient_through_a_one_voxel_bottleneck_compiles():
     aborted the process on its one-voxel bottleneck conv (so this runs in a child process)."""
     code = """
 import jax, jax.numpy as jnp
-from jaxseg.models import CompactUNet
+from jaxseg.dlb.model import CompactUNet
 m = CompactUNet(num_classes=2, features=(4, 4, 8, 8, 16), groups=2)
 x = jnp.ones((2, 1, 8, 8, 8, 2))
 p = jax.vmap(lambda k: m.init(k, x[0])["params"])(jax.random.split(jax.random.key(0), 2))

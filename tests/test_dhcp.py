@@ -1,4 +1,4 @@
-"""dHCP manifest builder (jaxseg.data.dhcp): tree scanning, skipped sessions, the paper's splits."""
+"""dHCP manifest builder (jaxseg.neonatal.dhcp): tree scanning, skipped sessions, the paper's splits."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from jaxseg.data import dhcp
+from jaxseg.neonatal import dhcp
 from jaxseg.data.datasets import read_dataset, read_manifest
 from jaxseg.data.io import DataError
 

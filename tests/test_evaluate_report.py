@@ -177,7 +177,7 @@ def test_evaluate_lesions_empty_prediction(data, empty_pred, ppv, lfpr, n):
 
 @pytest.mark.parametrize("empty_pred", ["zero", "nan"])
 def test_ablation_table_states_empty_convention(tmp_path, empty_pred):
-    from jaxseg.tiles import ablation
+    from jaxseg.dlb import ablation
 
     ref = np.zeros((6, 6, 6), np.uint8)
     ref[1:3, 1:3, 1:3] = 1

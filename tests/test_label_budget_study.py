@@ -1,4 +1,4 @@
-"""The label-budgeting study (jaxseg.studies.label_budget) and data.max_train_cases."""
+"""The label-budgeting study (jaxseg.neonatal.label_budget) and data.max_train_cases."""
 
 import csv
 import json
@@ -8,11 +8,26 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxseg.config import ConfigError, load_config
+from jaxseg.config import ConfigError
+from jaxseg.config import load_config as _load_config
 from jaxseg.losses import deep_supervision_loss, dice_ce
-from jaxseg.studies.label_budget import (COLUMNS, SETTINGS, case_dice, labelled_counts, n_full_subjects,
-                                         setting_config, table_markdown, write_table)
+from jaxseg.neonatal.config import NeonatalConfig
+from jaxseg.neonatal.label_budget import (
+    COLUMNS,
+    SETTINGS,
+    case_dice,
+    labelled_counts,
+    n_full_subjects,
+    setting_config,
+    table_markdown,
+    write_table,
+)
 from jaxseg.data.splits import kfold_split, limit_cases
+
+
+def load_config(path, overrides=()):
+    """The neonatal studies' config (core + synth + transfer sections)."""
+    return _load_config(path, overrides, NeonatalConfig)
 
 IDS = [f"case_{i:03d}" for i in range(30)]
 
@@ -163,7 +178,7 @@ def test_upsample_outputs_ignores_labels_of_unlabelled_voxels():
 @pytest.mark.slow
 def test_run_label_budget_tiny(tmp_path, monkeypatch):
     from jaxseg.launch import main
-    from jaxseg.studies import label_budget
+    from jaxseg.neonatal import label_budget
 
     # Three of the five settings (random, axial, full: both code paths) keep the smoke test near a minute;
     # each run costs its compiles (~20 s on the 2-core CPU) whatever the step count.

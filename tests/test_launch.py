@@ -62,6 +62,9 @@ def test_demo_end_to_end_tiny(tmp_path):
             assert timings[f"train_{method.upper()}_seed{seed}_s"] > 0
             assert len(list((work / method / f"seed{seed}" / "predictions").glob("*.nii.gz"))) == 4
             assert load_config(work / method / f"seed{seed}" / "config.yaml").seed == seed
+            # a training run's config holds the core sections; the demo's own keeps the cohort's
+            assert "synth:" not in (work / method / f"seed{seed}" / "config.yaml").read_text().splitlines()
+    assert "synth:" in (work / "config.yaml").read_text().splitlines()
     rows = (work / "metrics.csv").read_text().splitlines()
     assert len(rows) == 1 + 2 * 2 * 4
 
@@ -69,7 +72,7 @@ def test_demo_end_to_end_tiny(tmp_path):
 @pytest.mark.parametrize("flags, want", [([], "zero"), (["--lesion-empty-pred", "nan"], "nan"),
                                          (["eval.lesion_empty_pred=nan"], "nan")])
 def test_dlb_ablation_empty_prediction_switch(tmp_path, monkeypatch, flags, want):
-    from jaxseg.tiles import ablation
+    from jaxseg.dlb import ablation
 
     seen = {}
 

@@ -4,7 +4,9 @@ import numpy as np
 import pytest
 
 from jaxseg.config import load_config
-from jaxseg.models import CompactUNet, UNet3D, build_model, explicit_topology, plan_topology
+from jaxseg.dlb.model import CompactUNet
+from jaxseg.dlb.model import build_model as build_dlb_model
+from jaxseg.models import UNet3D, build_model, explicit_topology, plan_topology
 from jaxseg.models.layers import Conv3D, Norm, Upsample, conv3d, pixel_shuffle
 
 
@@ -204,8 +206,9 @@ def test_build_model_from_config():
     model = build_model(cfg)
     assert model.topology.features == (4, 8, 16)
     assert model.block == "residual" and model.num_classes == 5
-    cfg = load_config(None, ["model.arch=dlb_compact", "data.num_classes=2"])
-    assert isinstance(build_model(cfg), CompactUNet)
+    cfg = load_config(None, ["data.num_classes=2", "model.features_base=4"])
+    dlb = build_dlb_model(cfg)
+    assert isinstance(dlb, CompactUNet) and dlb.features == (4, 8, 16, 32, 64) and dlb.num_classes == 2
 
 
 # -------------------------------------------------------------------------- compact U-Net

@@ -8,16 +8,23 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
 from _tiny import tiny_cfg
-from jaxseg.config import ConfigError, load_config
+
+from jaxseg.config import ConfigError
+from jaxseg.config import load_config as _load_config
 from jaxseg.data.io import DataError
 from jaxseg.data.pipeline import CaseSource
 from jaxseg.data.splits import select_cases
 from jaxseg.models import UNet3D, build_model, explicit_topology
-from jaxseg.studies import age_unet, transfer
+from jaxseg.neonatal import age_unet, transfer
+from jaxseg.neonatal.config import NeonatalConfig
 from jaxseg.train.checkpoint import load_params
 from jaxseg.train.loop import TrainingError, train_and_evaluate
+
+
+def load_config(path, overrides=()):
+    """The neonatal studies' config (core + synth + transfer sections)."""
+    return _load_config(path, overrides, NeonatalConfig)
 
 # --------------------------------------------------------------------------------- case selection
 

@@ -106,7 +106,7 @@ def make_apply_fn(model, variables, *, head: int = 0) -> Callable:
     """A jitted apply_fn for :func:`sliding_window_logits`: windows (n, X, Y, Z, C) -> logits of
     the highest-resolution segmentation head ``seg[head]`` (n, X, Y, Z, K) float32, or
     ``(logits, age (n,))`` when the model has an age head. Works for :class:`UNet3D` (output
-    ``UNetOutput``) and for models returning plain logits (:class:`CompactUNet`, evaluated with
+    ``UNetOutput``) and for models returning plain logits (DeepLesionBrain's compact U-Net, evaluated with
     dropout off). ``variables``: the full variables dict (``{"params": ...}``)."""
     if "params" not in variables:
         raise ValueError("variables must be a Flax variables dict with a 'params' entry")

@@ -1,16 +1,15 @@
-"""Models: the nnU-Net / DynUNet 3D U-Net family (with the AgeU-Net head) and DeepLesionBrain's
-compact U-Net. Pure Flax linen modules; parameters are plain pytrees."""
+"""Models: the nnU-Net / DynUNet 3D U-Net family (with the AgeU-Net head). Pure Flax linen modules;
+parameters are plain pytrees. (DeepLesionBrain's compact U-Net is in jaxseg.dlb.model.)"""
 
 from __future__ import annotations
 
 import jax.numpy as jnp
 
 from jaxseg.config import Config
-from jaxseg.models.dlb import CompactUNet
 from jaxseg.models.topology import Topology, explicit_topology, plan_topology
 from jaxseg.models.unet import UNet3D, UNetOutput
 
-__all__ = ["CompactUNet", "Topology", "UNet3D", "UNetOutput", "build_model", "explicit_topology",
+__all__ = ["Topology", "UNet3D", "UNetOutput", "build_model", "explicit_topology",
            "model_topology", "plan_topology"]
 
 
@@ -29,11 +28,6 @@ def build_model(cfg: Config, spacing=None):
     """The Flax module for `cfg.model` (and the patch geometry in `cfg.data`)."""
     m, d = cfg.model, cfg.data
     dtype = jnp.bfloat16 if m.compute_dtype == "bfloat16" else jnp.float32
-    if m.arch == "dlb_compact":
-        # filters double per level from features_base (paper: 24-48-96-192-384); features_max does not cap them
-        features = tuple(m.features_base * 2**i for i in range(5))
-        return CompactUNet(num_classes=d.num_classes, features=features, dropout=m.dropout, groups=m.norm_groups,
-                           dtype=dtype)
     return UNet3D(num_classes=d.num_classes, topology=model_topology(cfg, spacing), block=m.block, norm=m.norm,
                   norm_groups=m.norm_groups, act=m.activation, upsample=m.upsample,
                   deep_supervision=m.deep_supervision, num_ds_heads=m.num_ds_heads, age_head=m.age_head,

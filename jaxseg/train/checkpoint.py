@@ -74,11 +74,12 @@ def manager(directory: Path, keep: int) -> ocp.CheckpointManager:
 
 
 def save(mgr: ocp.CheckpointManager, step: int, state, iterator, meta: dict) -> None:
-    mgr.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state),
-        data=grain.checkpoint.CheckpointSave(iterator),
-        meta=ocp.args.JsonSave(meta),
-    ))
+    """`iterator`: the grain iterator, or None for a trainer whose sampler state is JSON in `meta`
+    (DeepLesionBrain's stages)."""
+    items = {"state": ocp.args.StandardSave(state), "meta": ocp.args.JsonSave(meta)}
+    if iterator is not None:
+        items["data"] = grain.checkpoint.CheckpointSave(iterator)
+    mgr.save(step, args=ocp.args.Composite(**items))
     mgr.wait_until_finished()
 
 
@@ -118,7 +119,7 @@ def check_compatible(meta: dict, cfg: Config, where: Path, keys: tuple[str, ...]
     with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:
         f.write(meta["config"])
     try:
-        saved = load_config(f.name)
+        saved = load_config(f.name, schema=type(cfg), ignore_sections=True)  # older runs held method sections
     finally:
         Path(f.name).unlink(missing_ok=True)
     saved = _with_legacy_values(saved, meta["config"])
@@ -136,16 +137,15 @@ def check_compatible(meta: dict, cfg: Config, where: Path, keys: tuple[str, ...]
 
 
 def restore(mgr: ocp.CheckpointManager, step: int, abstract_state, iterator):
-    out = mgr.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract_state),
-        data=grain.checkpoint.CheckpointRestore(iterator),
-        meta=ocp.args.JsonRestore(),
-    ))
+    items = {"state": ocp.args.StandardRestore(abstract_state), "meta": ocp.args.JsonRestore()}
+    if iterator is not None:
+        items["data"] = grain.checkpoint.CheckpointRestore(iterator)
+    out = mgr.restore(step, args=ocp.args.Composite(**items))
     return out["state"], out["meta"]
 
 
-def meta_record(cfg: Config, step: int, **extra) -> dict:
-    return {"step": int(step), "fingerprint": fingerprint(cfg), "config": dump_config(cfg),
+def meta_record(cfg: Config, step: int, keys: tuple[str, ...] = TRAJECTORY_KEYS, **extra) -> dict:
+    return {"step": int(step), "fingerprint": fingerprint(cfg, keys), "config": dump_config(cfg),
             "process_count": jax.process_count(), **extra}
 
 

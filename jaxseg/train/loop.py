@@ -27,7 +27,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from jaxseg import distributed, locks, rundir
-from jaxseg.config import Config
+from jaxseg.config import Config, restrict
 from jaxseg.data import store
 from jaxseg.data.augment import PRESETS, AugmentParams, for_patch
 from jaxseg.data.budget import slice_mask
@@ -222,6 +222,7 @@ def train_and_evaluate(cfg: Config, workdir: str | os.PathLike, *, max_steps: in
     a second run on it fails at once with a LockError naming the holder.
     """
     distributed.initialize()
+    cfg = restrict(cfg)  # a run's config holds the core's sections only (not a method's or the cohort's)
     held = locks.hold(workdir, f"train {cfg.experiment}", "--workdir") if distributed.is_main_process() \
         else contextlib.nullcontext()
     with held:

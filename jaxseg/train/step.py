@@ -24,7 +24,6 @@ from jaxseg.data.augment import AugmentParams, augment_sample
 from jaxseg.losses import cross_entropy, dice_ce, generalised_jaccard, mse, soft_dice
 from jaxseg.losses import dro
 from jaxseg.losses.deep_supervision import deep_supervision_loss, ds_weights
-from jaxseg.models import UNetOutput
 
 
 @flax.struct.dataclass
@@ -64,12 +63,7 @@ def seg_losses(cfg: Config, seg_outputs, label, mask=None):
 
 def per_sample_losses(model, cfg: Config, params, image, label, mask, age=None, dropout_key=None):
     """(B,) losses of one forward pass: deep-supervised segmentation loss (+ age_weight * MSE)."""
-    if cfg.model.arch == "dlb_compact":
-        out = model.apply({"params": params}, image, train=dropout_key is not None,
-                          rngs={"dropout": dropout_key} if dropout_key is not None else {})
-        out = UNetOutput([out], None)
-    else:
-        out = model.apply({"params": params}, image)
+    out = model.apply({"params": params}, image)
     losses = seg_losses(cfg, out.seg, label, mask)
     if out.age is not None and age is not None:
         losses = losses + cfg.loss.age_weight * mse(out.age, age)
@@ -117,7 +111,7 @@ def make_step(model, cfg: Config, optimizer, aug: AugmentParams, patch_size, axi
         aug_keys, drop_keys = split[:, 0], split[:, 1]
         image, label, mask = jax.vmap(augment_sample, in_axes=(0, 0, 0, 0, None, None))(
             aug_keys, batch["image"], batch["label"], batch["mask"], aug, patch_size)
-        dropout_key = drop_keys[0] if cfg.model.dropout > 0 or cfg.model.arch == "dlb_compact" else None
+        dropout_key = drop_keys[0] if cfg.model.dropout > 0 else None
 
         def objective(params):
             losses = per_sample_losses(model, cfg, params, image, label, mask, batch.get("age"), dropout_key)

@@ -26,11 +26,11 @@ import nibabel as nib
 import numpy as np
 
 from jaxseg.evaluation.plots import save_figure
-from jaxseg.config import Config
 from jaxseg.data import store
 from jaxseg.evaluation import metrics as M
 from jaxseg.fileio import atomic_path, write_text_atomic
-from jaxseg.tiles.train import predict_dlb, split_cases, train_dlb
+from jaxseg.dlb.train import predict_dlb, split_cases, train_dlb
+from jaxseg.dlb.config import DLBAblationConfig
 
 METRICS = ("hybrid", "dice", "ppv", "tpr", "lfpr", "ltpr", "corr")
 VARIANTS = (  # (row label, run folder, dlb.method, data.augment)
@@ -42,7 +42,7 @@ VARIANTS = (  # (row label, run folder, dlb.method, data.augment)
 )
 
 
-def _variant_cfg(cfg: Config, method: str, augment: str) -> Config:
+def _variant_cfg(cfg: DLBAblationConfig, method: str, augment: str) -> DLBAblationConfig:
     return dataclasses.replace(cfg, dlb=dataclasses.replace(cfg.dlb, method=method),
                                data=dataclasses.replace(cfg.data, augment=augment))
 
@@ -73,7 +73,7 @@ def _reference(dataset: Path, case: str) -> tuple[np.ndarray, tuple]:
     raise FileNotFoundError(f"{dataset}: no reference label for {case}")
 
 
-def run_ablation(cfg: Config, workdir, *, log=print) -> dict:
+def run_ablation(cfg: DLBAblationConfig, workdir, *, log=print) -> dict:
     from jaxseg.data.prepare import prepare
     from jaxseg.data.synth import write_cohort
 

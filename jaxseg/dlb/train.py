@@ -11,43 +11,47 @@ Loss: ``loss.kind`` (the paper's generalised Jaccard is ``gen_jaccard``).
 Data: the prepared case store, written with ``crop=False`` so that every case keeps the common
 (MNI-registered) grid; the cases are read from tensorstore once and held in host memory (DLB's data
 sets are small: ISBI has 21 training scans). Each stage keeps the best parameters on the validation
-split (generalised Jaccard), stops a network after ``patience`` epochs without improvement and writes
-them as an Orbax checkpoint in ``workdir/<stage>/params``; ``workdir/<stage>/history.json`` holds the
-per-epoch losses.
+split (generalised Jaccard) and stops a network after ``patience`` epochs without improvement. Training
+uses the core's optimiser (``optim``) and checkpoints (``workdir/<stage>/ckpt``, one per epoch, resumable;
+the last holds the stage's best parameters); ``workdir/<stage>/history.json`` holds the per-epoch losses.
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import json
 import math
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
-from jaxseg import rundir
-from jaxseg.config import Config
+from jaxseg import locks, rundir
+from jaxseg.config import restrict
 from jaxseg.data import store
 from jaxseg.data.augment import PRESETS
 from jaxseg.data.io import DataError, save_nifti
 from jaxseg.data.prepare import restore_geometry
 from jaxseg.fileio import write_text_atomic
-from jaxseg.models import build_model
-from jaxseg.tiles import ensemble as ens
-from jaxseg.tiles.grid import TileGrid, make_grid
-from jaxseg.tiles.predict import make_predictor
+from jaxseg.dlb.model import build_model
+from jaxseg.dlb import ensemble as ens
+from jaxseg.dlb.grid import TileGrid, make_grid
+from jaxseg.dlb.predict import make_predictor
+from jaxseg.train import checkpoint as ckpt
+from jaxseg.train.optim import make_optimizer
 from jaxseg.train.step import segmentation_loss_fn
+from jaxseg.dlb.config import DLBRunConfig
 
 Pick = tuple[int, int]  # (case index, tile index)
 
 
 # ----------------------------------------------------------------------------------------- data
 
-def split_cases(store_root, cfg: Config) -> dict[str, list[str]]:
+def split_cases(store_root, cfg: DLBRunConfig) -> dict[str, list[str]]:
     """train / val / test case ids from the store: test = split "test"; the rest, restricted to
     ``dlb.train_sites``, split into train and val (``val_fraction``, seeded)."""
     root = Path(store_root)
@@ -93,7 +97,7 @@ def load_cases(store_root, case_ids: Sequence[str]) -> tuple[np.ndarray, np.ndar
     return np.stack(images), np.stack(labels), metas
 
 
-def grid_for(cfg: Config, shape) -> TileGrid:
+def grid_for(cfg: DLBRunConfig, shape) -> TileGrid:
     d = cfg.dlb
     return make_grid(shape, d.tile_size, d.tiles_per_axis, d.stride, d.offset)
 
@@ -135,6 +139,16 @@ class PoolSampler:
         self.rngs = [np.random.default_rng([seed, k]) for k in range(len(pools))]
         self.queues: list[list[int]] = [[] for _ in pools]
 
+    def state(self, n: int) -> dict:
+        """JSON of the first n networks' RNG states and queues (the checkpoint's data position)."""
+        return {"rngs": [r.bit_generator.state for r in self.rngs[:n]], "queues": self.queues[:n]}
+
+    def restore(self, state: dict) -> None:
+        for r, s in zip(self.rngs, state["rngs"]):
+            r.bit_generator.state = s
+        for k, q in enumerate(state["queues"]):
+            self.queues[k] = list(q)
+
     def next(self) -> list[list[Pick]]:
         out = []
         for k, pool in enumerate(self.pools):
@@ -159,6 +173,12 @@ def val_picks(pools: list[list[Pick]], limit: int | None, seed: int) -> list[lis
 
 # ------------------------------------------------------------------------------------- training
 
+# What changes a stage's trajectory (the resume guard compares these); the core loop's train.* keys
+# do not apply to DLB stages.
+TRAJECTORY_KEYS = ("seed", "data", "model", "loss", "optim", "dlb")
+KEEP_CHECKPOINTS = 2
+
+
 def _eval_fn(model, loss, chunk: int = 4):
     """One network's mean loss over its validation sub-volumes, `chunk` at a time (bounded memory)."""
     net_eval = ens.make_net_eval(model, loss=loss)
@@ -171,102 +191,176 @@ def _eval_fn(model, loss, chunk: int = 4):
     return fn
 
 
-def train_stage(name: str, model, cfg: Config, workdir: Path, images, labels, grid: TileGrid,
+@dataclasses.dataclass
+class _Stopping:
+    """Per-network early stopping (arrays over the padded network axis) and the epoch history."""
+
+    best: np.ndarray
+    bad: np.ndarray
+    active: np.ndarray
+    rows: list = dataclasses.field(default_factory=list)
+
+    @classmethod
+    def fresh(cls, n_pad: int) -> _Stopping:
+        return cls(np.full(n_pad, np.inf), np.zeros(n_pad, int), np.ones(n_pad, bool))
+
+    def update(self, val: np.ndarray, patience: int) -> np.ndarray:
+        """Take one epoch's validation losses; returns which networks improved."""
+        val = np.where(np.isfinite(val), val, np.inf)
+        improved = self.active & (val < self.best)
+        self.best = np.where(improved, val, self.best)
+        self.bad = np.where(improved, 0, self.bad + 1)
+        self.active &= self.bad < patience
+        return improved
+
+    def record(self, n: int) -> dict:
+        """JSON of the first n networks (padding networks repeat network 0 and are rebuilt on resume)."""
+        return {"best": [float(b) if np.isfinite(b) else None for b in self.best[:n]],
+                "bad": self.bad[:n].tolist(), "active": self.active[:n].tolist(), "rows": self.rows}
+
+    @classmethod
+    def from_record(cls, rec: dict, n_pad: int) -> _Stopping:
+        pad = lambda xs: list(xs) + [xs[0]] * (n_pad - len(xs))
+        best = np.array([np.inf if b is None else b for b in pad(rec["best"])], float)
+        return cls(best, np.array(pad(rec["bad"]), int), np.array(pad(rec["active"]), bool), list(rec["rows"]))
+
+
+def _unpadded(tree, n: int):
+    """Host copy of the first n networks (scalars as they are): checkpoints do not depend on the mesh."""
+    return jax.tree.map(lambda x: np.asarray(x)[:n] if np.ndim(x) else np.asarray(x), tree)
+
+
+def _on_mesh(tree, n_pad: int, mesh):
+    return ens.shard_networks(ens.pad_networks(tree, n_pad), mesh)
+
+
+def _resume(mgr, cfg: DLBRunConfig, workdir: Path, target):
+    """(restored {"params", "train"}, meta) of a stage's last checkpoint, or None; a checkpoint written
+    with a different trajectory-defining config is refused (jaxseg.train.checkpoint.check_compatible)."""
+    latest = mgr.latest_step()
+    if latest is None:
+        return None
+    ckpt.check_compatible(ckpt.read_meta(mgr, latest), cfg, workdir, TRAJECTORY_KEYS)
+    return ckpt.restore(mgr, latest, target, None)
+
+
+def train_stage(name: str, model, cfg: DLBRunConfig, workdir: Path, images, labels, grid: TileGrid,
                 pools: list[list[Pick]], vpools: list[list[Pick]], val_images, val_labels, params, *,
                 batch: int, steps_per_epoch: int, max_epochs: int, patience: int, seed: int,
                 mesh=None, log=print) -> tuple[object, dict]:
     """Train stacked networks (leading axis = len(pools)) with per-network early stopping.
 
-    Returns (best stacked params, history). The history has the per-epoch mean training and validation
-    loss, the number of networks still training, and seconds.
+    The core's optimiser (``optim``: kind, schedule over ``max_epochs`` x ``steps_per_epoch``, weight
+    decay, clipping) and checkpoints: after every epoch ``workdir/<name>/ckpt`` holds the ensemble's
+    train state, the best parameters so far, the samplers' RNG states and the early-stopping record, so
+    a killed stage resumes from its last epoch and ends as an uninterrupted one; a finished stage is not
+    trained again. Returns (best stacked params, history); the history has the per-epoch mean training
+    and validation loss, the number of networks still training, and seconds.
     """
     n = len(pools)
     n_pad = ens.padded_size(n, mesh)
-    pad_rows = lambda rows: rows + [rows[0]] * (n_pad - n)  # noqa: E731
-    tx = optax.adam(cfg.optim.lr)
-    if cfg.optim.grad_clip is not None:
-        tx = optax.chain(optax.clip_by_global_norm(cfg.optim.grad_clip), tx)
-    aug = PRESETS[cfg.data.augment]
+    pad_rows = lambda rows: rows + [rows[0]] * (n_pad - n)
+    tx = make_optimizer(cfg.optim, max_epochs, steps_per_epoch)
     loss = segmentation_loss_fn(cfg)  # the paper's: loss.kind gen_jaccard
-    net_step = ens.make_net_step(model, tx, aug, loss=loss)
-    step = ens.ensemble_step(net_step, cfg.dlb.group_size, mesh)
+    step = ens.ensemble_step(ens.make_net_step(model, tx, PRESETS[cfg.data.augment], loss=loss),
+                             cfg.dlb.group_size, mesh)
     evaluate = jax.jit(ens.over_networks(_eval_fn(model, loss), cfg.dlb.group_size, mesh, 3))
-    params = ens.pad_networks(params, n_pad)
-    state = ens.shard_networks(ens.init_state(params, tx), mesh)
-    best_params = jax.tree.map(jnp.copy, state.params)
-    vimg, vlab = gather(val_images, val_labels, grid, pad_rows(vpools))
-    vimg, vlab = ens.shard_networks((jnp.asarray(vimg), jnp.asarray(vlab)), mesh)
     sampler = PoolSampler(pad_rows(pools), batch, seed)
-    key = jax.random.PRNGKey(seed)
-    best = np.full(n_pad, np.inf)
-    bad = np.zeros(n_pad, int)
-    active = np.ones(n_pad, bool)
-    history: dict = {"stage": name, "networks": n, "epochs": []}
     out = workdir / name
     out.mkdir(parents=True, exist_ok=True)
-    t0 = time.perf_counter()
-    g = 0
-    for epoch in range(max_epochs):
-        losses = []
-        act = jnp.asarray(active)
-        for _ in range(steps_per_epoch):
-            img, lab = gather(images, labels, grid, sampler.next())
-            state, loss = step(state, img, lab, ens.step_keys(key, g, n_pad), act)
-            losses.append(loss)
-            g += 1
-        train_loss = np.asarray(jnp.stack(losses))[:, :n].mean(axis=0)
-        val = np.asarray(evaluate(state.params, vimg, vlab))
-        val = np.where(np.isfinite(val), val, np.inf)
-        improved = active & (val < best)
-        best_params = ens.select(jnp.asarray(improved), state.params, best_params)
-        best = np.where(improved, val, best)
-        bad = np.where(improved, 0, bad + 1)
-        active &= bad < patience
-        row = {"epoch": epoch + 1, "step": g, "train_loss": float(np.nanmean(train_loss)),
-               "val_loss": float(np.mean(val[:n])), "best_val_loss": float(np.mean(best[:n])),
-               "active": int(active[:n].sum()), "seconds": time.perf_counter() - t0}
-        history["epochs"].append(row)
-        log(f"[{name}] epoch {row['epoch']}: train {row['train_loss']:.4f} val {row['val_loss']:.4f} "
-            f"best {row['best_val_loss']:.4f}, {row['active']}/{n} networks training, {row['seconds']:.0f} s")
-        if not active[:n].any():
-            break
-    history["best_val_loss"] = best[:n].tolist()
-    history["seconds"] = time.perf_counter() - t0
-    history["steps"] = g
-    best_params = jax.tree.map(lambda x: np.asarray(x)[:n], best_params)
-    save_params(out / "params", best_params)
+    fresh = _unpadded(ens.init_state(params, tx), n)
+    with contextlib.closing(ckpt.manager(out / "ckpt", KEEP_CHECKPOINTS)) as mgr:
+        resumed = _resume(mgr, cfg, workdir, {"params": fresh.params, "train": fresh})
+        stop, g, best_params, train, done = _Stopping.fresh(n_pad), 0, fresh.params, fresh, False
+        if resumed is not None:
+            saved, meta = resumed
+            stop, g, done = _Stopping.from_record(meta["stopping"], n_pad), int(meta["step"]), meta["done"]
+            best_params, train = saved["params"], saved["train"]
+            if isinstance(train, dict):
+                train = ens.EnsembleState(**train)
+            sampler.restore(meta["sampler"])
+            log(f"[{name}] resumed from epoch {len(stop.rows)} (step {g})"
+                + (", finished" if done else ""))
+        if not done:
+            state = ens.EnsembleState(_on_mesh(train.params, n_pad, mesh), _on_mesh(train.opt_state, n_pad, mesh),
+                                      jnp.asarray(train.step, jnp.int32))
+            best_params = _on_mesh(best_params, n_pad, mesh)
+            vimg, vlab = gather(val_images, val_labels, grid, pad_rows(vpools))
+            vimg, vlab = ens.shard_networks((jnp.asarray(vimg), jnp.asarray(vlab)), mesh)
+            key = jax.random.PRNGKey(seed)
+            t0 = time.perf_counter() - (stop.rows[-1]["seconds"] if stop.rows else 0.0)
+            for epoch in range(len(stop.rows), max_epochs):
+                losses = []
+                act = jnp.asarray(stop.active)
+                for _ in range(steps_per_epoch):
+                    img, lab = gather(images, labels, grid, sampler.next())
+                    state, loss_ = step(state, img, lab, ens.step_keys(key, g, n_pad), act)
+                    losses.append(loss_)
+                    g += 1
+                train_loss = np.asarray(jnp.stack(losses))[:, :n].mean(axis=0)
+                val = np.asarray(evaluate(state.params, vimg, vlab))
+                best_params = ens.select(jnp.asarray(stop.update(val, patience)), state.params, best_params)
+                row = {"epoch": epoch + 1, "step": g, "train_loss": float(np.nanmean(train_loss)),
+                       "val_loss": float(np.mean(val[:n])), "best_val_loss": float(np.mean(stop.best[:n])),
+                       "active": int(stop.active[:n].sum()), "seconds": time.perf_counter() - t0}
+                stop.rows.append(row)
+                done = epoch + 1 == max_epochs or not stop.active[:n].any()
+                ckpt.save(mgr, g, {"params": _unpadded(best_params, n), "train": _unpadded(state, n)}, None,
+                          ckpt.meta_record(cfg, g, TRAJECTORY_KEYS, stage=name, stopping=stop.record(n),
+                                           sampler=sampler.state(n), done=done))
+                log(f"[{name}] epoch {row['epoch']}: train {row['train_loss']:.4f} val {row['val_loss']:.4f} "
+                    f"best {row['best_val_loss']:.4f}, {row['active']}/{n} networks training, "
+                    f"{row['seconds']:.0f} s")
+                if done:
+                    break
+            best_params = _unpadded(best_params, n)
+    history = {"stage": name, "networks": n, "epochs": stop.rows,
+               "best_val_loss": [float(b) for b in stop.best[:n]],
+               "seconds": stop.rows[-1]["seconds"] if stop.rows else 0.0, "steps": g}
     write_text_atomic(out / "history.json", json.dumps(history, indent=1))
     return best_params, history
 
 
-def save_params(path: Path, params) -> None:
-    import orbax.checkpoint as ocp
-
-    path = Path(path).absolute()
-    if path.exists():
-        import shutil
-
-        shutil.rmtree(path)
-    with ocp.StandardCheckpointer() as ckpt:
-        ckpt.save(path, params)
-
-
-def load_params(path: Path):
-    import orbax.checkpoint as ocp
-
-    path = Path(path).absolute()
-    if not path.exists():
-        raise FileNotFoundError(f"{path}: no trained parameters (run `launch dlb-train` first)")
-    with ocp.StandardCheckpointer() as ckpt:
-        return ckpt.restore(path)
+def stage_params(workdir, stage: str):
+    """The best parameters (stacked) of a finished stage of a `train_dlb` run in workdir."""
+    directory = Path(workdir) / stage
+    try:
+        params, meta = ckpt.load_params(directory, "last")
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{directory}: no trained parameters (run `launch dlb-train` first)") from None
+    if not meta.get("done"):
+        raise FileNotFoundError(f"{directory}: stage {stage!r} stopped at step {meta.get('step')} before it "
+                                "finished (run the same `launch dlb-train` again to resume it)")
+    return params
 
 
-def train_dlb(cfg: Config, workdir, *, mesh=None, log=print) -> dict:
-    """Both stages as ``cfg.dlb.method`` says; returns a summary (also written to workdir/train.json)."""
+def check_resumable(cfg: DLBRunConfig, workdir: Path) -> None:
+    """Refuse, before anything is written, a workdir whose stage checkpoints came from another config."""
+    for stage in ("generic", "ensemble"):
+        directory = workdir / stage / "ckpt"
+        if directory.is_dir():
+            with contextlib.closing(ckpt.manager(directory, KEEP_CHECKPOINTS)) as mgr:
+                latest = mgr.latest_step()
+                if latest is not None:
+                    ckpt.check_compatible(ckpt.read_meta(mgr, latest), cfg, workdir, TRAJECTORY_KEYS)
+
+
+def train_dlb(cfg: DLBRunConfig, workdir, *, mesh=None, log=print) -> dict:
+    """Both stages as ``cfg.dlb.method`` says; returns a summary (also written to workdir/train.json).
+
+    A killed run resumes from its stages' checkpoints. ``mesh`` (`launch dlb-train` builds the tile mesh
+    over every device) shards the ensemble's networks. One writer per workdir (jaxseg.locks)."""
     # A finished `prepare` whose classes / channels match the config, checked before anything is written.
     store.check_for_training(cfg.data.store, num_classes=cfg.data.num_classes, num_channels=cfg.data.num_channels)
     workdir = Path(workdir)
-    rundir.write_run(workdir, cfg, rundir.preprocessing_from_store(cfg.data.store))  # dlb-predict reads its config
+    check_resumable(cfg, workdir)
+    with locks.hold(workdir, f"dlb-train {cfg.experiment}", "--workdir"):
+        # config.yaml (no synth section: the ablation's), run.json, preprocessing.json: dlb-predict reads them
+        rundir.write_run(workdir, restrict(cfg, DLBRunConfig), rundir.preprocessing_from_store(cfg.data.store))
+        return _train_dlb(cfg, workdir, mesh=mesh, log=log)
+
+
+def _train_dlb(cfg: DLBRunConfig, workdir: Path, *, mesh, log) -> dict:
     d = cfg.dlb
     split = split_cases(cfg.data.store, cfg)
     images, labels, _ = load_cases(cfg.data.store, split["train"])
@@ -311,25 +405,28 @@ def train_dlb(cfg: Config, workdir, *, mesh=None, log=print) -> dict:
     return summary
 
 
+
+
 # ------------------------------------------------------------------------------------ prediction
 
-def predictor_for(cfg: Config, workdir, shape, *, mesh=None):
+def predictor_for(cfg: DLBRunConfig, workdir, shape, *, mesh=None):
     """(predict(volume) -> (labels, scores), grid) from the parameters a `train_dlb` run left in workdir."""
     workdir = Path(workdir)
     grid = grid_for(cfg, shape)
     model = build_model(cfg)
     if cfg.dlb.method == "generic":
-        params = ens.unstack(load_params(workdir / "generic" / "params"), 0)
+        params = ens.unstack(stage_params(workdir, "generic"), 0)
         fn = make_predictor(model, grid, fusion=cfg.dlb.fusion, stacked=False, group_size=cfg.dlb.group_size)
     else:
-        params = load_params(workdir / "ensemble" / "params")
+        params = stage_params(workdir, "ensemble")
         n_pad = ens.padded_size(grid.n_networks, mesh)
         params = ens.shard_networks(ens.pad_networks(params, n_pad), mesh)
         fn = make_predictor(model, grid, fusion=cfg.dlb.fusion, group_size=cfg.dlb.group_size, mesh=mesh)
     return (lambda volume: fn(params, volume)), grid
 
 
-def predict_dlb(cfg: Config, workdir, out_dir, case_ids: Sequence[str] | None = None, *, log=print) -> list[dict]:
+def predict_dlb(cfg: DLBRunConfig, workdir, out_dir, case_ids: Sequence[str] | None = None, *, mesh=None,
+                log=print) -> list[dict]:
     """Segment store cases (default: the test split) and write NIfTI label maps in each input's geometry."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -341,7 +438,7 @@ def predict_dlb(cfg: Config, workdir, out_dir, case_ids: Sequence[str] | None = 
         case = store.open_case(root, c)
         img, _ = store.read_patch(case, (0, 0, 0), case.shape)
         if predict is None:
-            predict, _ = predictor_for(cfg, workdir, case.shape)
+            predict, _ = predictor_for(cfg, workdir, case.shape, mesh=mesh)
         t0 = time.perf_counter()
         seg, _ = predict(jnp.asarray(img))
         seg = np.asarray(seg).astype(np.uint8)

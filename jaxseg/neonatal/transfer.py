@@ -41,10 +41,11 @@ from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
-from jaxseg.config import Config, save_config
+from jaxseg.config import save_config
 from jaxseg.evaluation.plots import save_figure
 from jaxseg.fileio import atomic_path, write_text_atomic
-from jaxseg.studies.common import BACKGROUND, fmt, image_folder, score_cases, tissue_cohort, write_age_effect
+from jaxseg.neonatal.common import BACKGROUND, fmt, image_folder, score_cases, tissue_cohort, write_age_effect
+from jaxseg.neonatal.config import NeonatalConfig
 
 FINETUNED = ("shallow", "medium", "deep", "full")
 
@@ -65,14 +66,14 @@ def assign_roles(ages: Mapping[str, float], tc, seed: int) -> dict[str, list[str
             "finetune": sorted(ft), "test": sorted(c for c in young if c not in ft)}
 
 
-def pretrain_config(cfg: Config, roles: Mapping[str, Sequence[str]]) -> Config:
+def pretrain_config(cfg: NeonatalConfig, roles: Mapping[str, Sequence[str]]) -> NeonatalConfig:
     data = dataclasses.replace(cfg.data, train_cases=tuple(roles["old_train"]), val_cases=tuple(roles["old_val"]))
     train = dataclasses.replace(cfg.train, init_from=None, finetune="full")
     return dataclasses.replace(cfg, experiment=f"{cfg.experiment}-pretrain", data=data, train=train)
 
 
-def strategy_config(cfg: Config, strategy: str, seed: int, roles: Mapping[str, Sequence[str]],
-                    pretrained: Path) -> Config:
+def strategy_config(cfg: NeonatalConfig, strategy: str, seed: int, roles: Mapping[str, Sequence[str]],
+                    pretrained: Path) -> NeonatalConfig:
     """One fine-tuning (or from-scratch) run: the fine-tuning subjects, no validation, the last checkpoint."""
     tc = cfg.transfer
     if strategy not in (*FINETUNED, "scratch"):
@@ -224,7 +225,7 @@ def _run_cases(run_dir: Path, which: str, eval_images: Path, refs: Mapping[str, 
     return score_cases(pred_dir, refs, labels)
 
 
-def run_transfer_study(cfg: Config, workdir: str | os.PathLike, *, progress: bool = True,
+def run_transfer_study(cfg: NeonatalConfig, workdir: str | os.PathLike, *, progress: bool = True,
                        log: Callable[[str], None] = print) -> dict:
     from jaxseg.data.datasets import read_dataset
     from jaxseg.train.loop import train_and_evaluate

@@ -87,3 +87,14 @@ class CompactUNet(nn.Module):
             x = NormConvReLU(f[max(i, 1) + 1], name=f"decoder_{i}", **kw)(x)
         return Conv3D(self.num_classes, (3, 3, 3), dtype=self.dtype,
                       name="head")(x).astype(jnp.float32)
+
+
+def build_model(cfg) -> CompactUNet:
+    """The compact U-Net for ``cfg.model`` (features_base, dropout, norm_groups, compute_dtype) and
+    ``cfg.data.num_classes``: filters double per level from features_base (paper: 24-48-96-192-384);
+    features_max does not cap them."""
+    m = cfg.model
+    dtype = jnp.bfloat16 if m.compute_dtype == "bfloat16" else jnp.float32
+    features = tuple(m.features_base * 2**i for i in range(5))
+    return CompactUNet(num_classes=cfg.data.num_classes, features=features, dropout=m.dropout,
+                       groups=m.norm_groups, dtype=dtype)

@@ -38,10 +38,11 @@ from typing import Callable, Mapping, Sequence
 import numpy as np
 
 from jaxseg.evaluation.plots import save_figure
-from jaxseg.config import Config, save_config
+from jaxseg.config import save_config
 from jaxseg.data.budget import AXES, slice_budget
 from jaxseg.fileio import atomic_path, write_text_atomic
-from jaxseg.studies.common import BACKGROUND, case_dice, evaluate_split, fmt as _fmt, image_folder, tissue_cohort
+from jaxseg.neonatal.common import BACKGROUND, case_dice, evaluate_split, fmt as _fmt, image_folder, tissue_cohort
+from jaxseg.neonatal.config import NeonatalConfig
 
 # (row, data.label_budget.enabled, data.label_budget.axis); the paper's row order.
 SETTINGS = (
@@ -65,7 +66,7 @@ def n_full_subjects(n_train: int, fraction: float) -> int:
     return max(1, int(math.floor(fraction * n_train + 0.5)))
 
 
-def setting_config(cfg: Config, name: str, n_full: int) -> Config:
+def setting_config(cfg: NeonatalConfig, name: str, n_full: int) -> NeonatalConfig:
     """The run config of one setting (see the module docstring)."""
     enabled, axis = next((e, a) for n, e, a in SETTINGS if n == name)
     lb = cfg.data.label_budget
@@ -74,7 +75,7 @@ def setting_config(cfg: Config, name: str, n_full: int) -> Config:
     return dataclasses.replace(cfg, experiment=f"{cfg.experiment}-{name}", data=data)
 
 
-def labelled_counts(cfg: Config, shapes: Mapping[str, Sequence[int]], train_ids: Sequence[str]) -> dict:
+def labelled_counts(cfg: NeonatalConfig, shapes: Mapping[str, Sequence[int]], train_ids: Sequence[str]) -> dict:
     """Labelled subjects, 2D slices and voxels of a setting's training cases (``cfg`` from
     `setting_config`). A fully labelled subject counts its slices along the axial axis."""
     lb = cfg.data.label_budget
@@ -173,7 +174,7 @@ def _plot(path: Path, rows: Sequence[Mapping], per_class: Mapping) -> None:
 # ---------------------------------------------------------------------------------------- the study
 
 
-def run_label_budget(cfg: Config, workdir: str | os.PathLike, *, progress: bool = True,
+def run_label_budget(cfg: NeonatalConfig, workdir: str | os.PathLike, *, progress: bool = True,
                      log: Callable[[str], None] = print) -> dict:
     from jaxseg.data.datasets import read_dataset
     from jaxseg.data.pipeline import CaseSource

@@ -21,8 +21,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxseg.tiles.ensemble import over_networks
-from jaxseg.tiles.grid import TileGrid
+from jaxseg.dlb.ensemble import over_networks
+from jaxseg.dlb.grid import TileGrid
 
 Fusion = Literal["mean_prob", "majority_vote"]
 

@@ -7,10 +7,10 @@ import optax
 import pytest
 
 from jaxseg.data.augment import NONE
-from jaxseg.models import CompactUNet
-from jaxseg.tiles import ensemble as ens
-from jaxseg.tiles.grid import axis_starts, make_grid, reference_grid
-from jaxseg.tiles.predict import fuse, gather_inputs, make_loop_predictor, make_predictor, tile_outputs
+from jaxseg.dlb.model import CompactUNet
+from jaxseg.dlb import ensemble as ens
+from jaxseg.dlb.grid import axis_starts, make_grid, reference_grid
+from jaxseg.dlb.predict import fuse, gather_inputs, make_loop_predictor, make_predictor, tile_outputs
 
 
 def test_reference_grid_starts_and_networks():

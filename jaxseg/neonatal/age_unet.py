@@ -33,10 +33,11 @@ from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
-from jaxseg.config import Config, save_config
+from jaxseg.config import save_config
 from jaxseg.evaluation.plots import save_figure
 from jaxseg.fileio import atomic_path, write_text_atomic
-from jaxseg.studies.common import fmt, image_folder, mean_scores, score_cases, tissue_cohort, write_age_effect
+from jaxseg.neonatal.common import fmt, image_folder, mean_scores, score_cases, tissue_cohort, write_age_effect
+from jaxseg.neonatal.config import NeonatalConfig
 
 # (row, model.age_head, own head lr, centred head); the order of the table.
 VARIANTS = (
@@ -54,7 +55,7 @@ COLUMNS = ("model", "age_head_lr", "age_offset", "age_scale", "test_dice_all", "
 PAPER = {"unet_dice_fg": 0.917, "ageunet_dice_fg": 0.866, "ageunet_val_mse": 2.45, "ageunet_val_mae": 1.57}
 
 
-def variant_config(cfg: Config, name: str, train_ages: Sequence[float]) -> Config:
+def variant_config(cfg: NeonatalConfig, name: str, train_ages: Sequence[float]) -> NeonatalConfig:
     """The run config of one row (see the module docstring); `train_ages` centre the centred head."""
     _, head, own_lr, centred = next(v for v in VARIANTS if v[0] == name)
     if head and own_lr and cfg.optim.age_head_lr is None:
@@ -155,7 +156,7 @@ def _plot(path: Path, rows: Sequence[Mapping], ages: Mapping, true_ages: Mapping
 # ---------------------------------------------------------------------------------------- the study
 
 
-def run_age_study(cfg: Config, workdir: str | os.PathLike, *, progress: bool = True,
+def run_age_study(cfg: NeonatalConfig, workdir: str | os.PathLike, *, progress: bool = True,
                   log: Callable[[str], None] = print) -> dict:
     from jaxseg.data.datasets import read_dataset
     from jaxseg.data.pipeline import CaseSource

@@ -13,9 +13,9 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from jaxseg.config import Config
 from jaxseg.evaluation.plots import save_figure
 from jaxseg.fileio import write_text_atomic
+from jaxseg.neonatal.config import NeonatalConfig
 
 # Background classes, left out of "Dice (foreground)": on the synthetic tissue labels class 0 only
 # (dHCP's drawem9 would be (0, 4), outer and inner background).
@@ -31,7 +31,7 @@ def fmt(v, digits: int = 3) -> str:
 # ------------------------------------------------------------------------------------------- cohort
 
 
-def tissue_cohort(cfg: Config, workdir: Path, *, progress: bool = True, timings: dict | None = None) -> Config:
+def tissue_cohort(cfg: NeonatalConfig, workdir: Path, *, progress: bool = True, timings: dict | None = None) -> NeonatalConfig:
     """Write `cfg.synth`'s tissue cohort into ``workdir/data/raw`` and prepare it into
     ``workdir/data/store`` (each skipped when already complete); returns `cfg` pointing at both."""
     import time

@@ -42,7 +42,7 @@ Sessions of one subject (dHCP rescans some preterm infants at term) never stradd
 the random or stratified draws for ``val``, ``pretrain_val`` and ``finetune`` take single-session
 subjects only, and the test / target pools leave out the subjects already used.
 
-``python -m jaxseg.data.dhcp ROOT --out manifest.csv --split pipeline|transfer [--seed 0] ...``
+``python -m jaxseg.neonatal.dhcp ROOT --out manifest.csv --split pipeline|transfer [--seed 0] ...``
 """
 
 from __future__ import annotations
@@ -440,7 +440,7 @@ def build_manifest(root: str | os.PathLike, out: str | os.PathLike, *, split: st
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m jaxseg.data.dhcp", description=__doc__.split("\n\n")[0],
+    p = argparse.ArgumentParser(prog="python -m jaxseg.neonatal.dhcp", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("root", help="dHCP dataset root (holding derivatives/dhcp_anat_pipeline) or that folder")
     p.add_argument("--out", required=True, help="manifest CSV to write (labels.json goes next to it)")

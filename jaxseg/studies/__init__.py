@@ -1,1 +1,0 @@
-"""Studies: several training runs driven as one command, each writing a table (see launch.py)."""
