@@ -43,6 +43,8 @@ def test_one_step_through_train_and_evaluate(tiny_store, tmp_path):
     drawn = lines[0]["drawn_stratum"]
     assert set(drawn) <= strata and abs(sum(drawn.values()) - 1) < 1e-9
     assert round(sum(drawn.values()) * 8) == 8 and all(round(v * 8) == v * 8 for v in drawn.values())
+    share = lines[0]["patch_class_share"]  # what the patches contained, per class name of the store
+    assert len(share) == cfg.data.num_classes and abs(sum(share.values()) - 1) < 1e-9
     dro = next(l for l in lines if "dro_p_stratum" in l)
     assert set(dro["dro_p_stratum"]) == strata and abs(sum(dro["dro_p_stratum"].values()) - 1) < 1e-6
     assert dro["dro_table_spread"] > 0
@@ -88,3 +90,19 @@ def test_nonfinite_steps_stop_the_run_with_last_good_checkpoint_intact(tiny_stor
     params, _ = load_params(tmp_path / "run", "last")
     for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(one_step)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_train_log_counts_patch_classes_under_the_mask():
+    from jaxseg.train.loop import TrainLog
+
+    rng = np.random.default_rng(0)
+    label = rng.integers(0, 3, (2, 4, 4, 4))
+    mask = rng.random((2, 4, 4, 4)) > 0.5
+    log = TrainLog(["a", "b"], 10, ["bg", "x", "y"])
+    log.drew(np.array([0, 1]), label, mask)
+    log.drew(np.array([1, 1]), label, None)
+    rec = log.flush(2, {"grad_norm": 1.0})
+    want = np.bincount(label[mask], minlength=3) + np.bincount(label.ravel(), minlength=3)
+    np.testing.assert_allclose([rec["patch_class_share"][n] for n in ("bg", "x", "y")], want / want.sum())
+    assert rec["drawn_stratum"] == {"a": 0.25, "b": 0.75}
+    assert "patch_class_share" not in log.flush(3, {"grad_norm": 1.0})  # a fresh window

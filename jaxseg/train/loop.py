@@ -102,6 +102,15 @@ def _mean_foreground_dice(pred: np.ndarray, ref: np.ndarray, num_classes: int) -
     return float(np.mean(scores)) if scores else float("nan")
 
 
+def class_names(store_root, num_classes: int) -> list[str]:
+    """Name of each class index (the store's dataset labels; ``class_<i>`` where it names none)."""
+    names = [f"class_{c}" for c in range(num_classes)]
+    for k, v in store.read_dataset_meta(store_root).get("labels", {}).items():
+        if 0 <= int(v) < num_classes:
+            names[int(v)] = k
+    return names
+
+
 def validate(apply_fn, store_root, case_ids, cfg: Config, patch_size, progress: bool = False) -> dict:
     """Full-volume sliding-window Dice on stored (preprocessed) validation cases: ``val_dice`` (mean over
     cases of the mean foreground Dice) and ``val_dice_class`` (per class name, mean over the cases where
@@ -109,9 +118,7 @@ def validate(apply_fn, store_root, case_ids, cfg: Config, patch_size, progress: 
     (logits, age)) also the absolute error of the mean window age."""
     from tqdm import tqdm
 
-    names = {c: f"class_{c}" for c in range(1, cfg.data.num_classes)}
-    names.update({int(v): k for k, v in store.read_dataset_meta(store_root).get("labels", {}).items()
-                  if 0 < int(v) < cfg.data.num_classes})
+    names = class_names(store_root, cfg.data.num_classes)
     dices, per_class, age_errors = [], {}, []
     for cid in tqdm(case_ids, desc="validation", unit="case", leave=False, disable=not progress,
                     dynamic_ncols=True):
@@ -454,7 +461,7 @@ def run_steps(cfg: Config, workdir: Path, state, runner: Runner, data: Input, ne
         from tqdm import tqdm
 
         bar = tqdm(total=stop_at, initial=step, unit="step", dynamic_ncols=True, desc=f"train {cfg.experiment}")
-    train_log = TrainLog(data.strata, cfg.train.steps_per_epoch)
+    train_log = TrainLog(data.strata, cfg.train.steps_per_epoch, class_names(cfg.data.store, cfg.data.num_classes))
     try:
         while step < stop_at:
             batch = next(data.iterator)
@@ -464,7 +471,7 @@ def run_steps(cfg: Config, workdir: Path, state, runner: Runner, data: Input, ne
             table = jnp.asarray(data.sampler.table, jnp.float32)
             state, metrics, case_index = runner.step(state, feed, net.step_key, table)
             step += 1
-            train_log.drew(case_index)
+            train_log.drew(case_index, feed["label"], feed["mask"])
             if not bool(metrics["finite"]):
                 train_log.skipped += 1
                 check_nonfinite(cfg, workdir, step, runner.to_host(state), mgrs.last)
@@ -500,17 +507,24 @@ class TrainLog:
     """What the training log line reports between two lines: mean loss of the finite steps, steps/s,
     and the share of drawn samples per stratum (what the steps trained on)."""
 
-    def __init__(self, strata: list[str], steps_per_epoch: int):
-        self.strata, self.steps_per_epoch = strata, steps_per_epoch
+    def __init__(self, strata: list[str], steps_per_epoch: int, class_names: list[str]):
+        self.strata, self.steps_per_epoch, self.class_names = strata, steps_per_epoch, class_names
         self.skipped = 0  # over the whole run
         self.losses: list[float] = []
         self.drawn: dict[str, int] = {}
+        self.voxels = np.zeros(len(class_names), np.int64)
         self.steps, self.t_last = 0, time.perf_counter()
 
-    def drew(self, case_index) -> None:
+    def drew(self, case_index, label=None, mask=None) -> None:
+        """One step's drawn cases and (this process's) patch labels, counted where the loss mask is on."""
         self.steps += 1
         for i in np.asarray(case_index).reshape(-1):
             self.drawn[self.strata[int(i)]] = self.drawn.get(self.strata[int(i)], 0) + 1
+        if label is not None:
+            lab = np.asarray(label).reshape(-1).astype(np.int64)
+            if mask is not None:
+                lab = lab[np.asarray(mask).reshape(-1) > 0]
+            self.voxels += np.bincount(np.clip(lab, 0, len(self.class_names) - 1), minlength=len(self.class_names))
 
     def flush(self, step: int, metrics: dict) -> dict:
         """The log record of the steps since the last one (`metrics`: the last step's), and a fresh start."""
@@ -520,7 +534,11 @@ class TrainLog:
                   "grad_norm": float(metrics["grad_norm"]), "steps_per_s": self.steps / (now - self.t_last),
                   "skipped_steps": self.skipped, "epoch": step / self.steps_per_epoch,
                   "drawn_stratum": {k: v / total for k, v in sorted(self.drawn.items())}}
+        if self.voxels.sum():  # what the patches contained: share of the trained voxels per class
+            record["patch_class_share"] = {n: float(v / self.voxels.sum())
+                                           for n, v in zip(self.class_names, self.voxels)}
         self.losses, self.drawn, self.t_last, self.steps = [], {}, now, 0
+        self.voxels = np.zeros(len(self.class_names), np.int64)
         return record
 
 
