@@ -377,7 +377,7 @@ def test_lesion_radius_sets_the_lesion_load(template, tmp_path):
 def test_demo_and_synth_command_write_the_whole_synth_section(tmp_path, monkeypatch):
     # Both hand the config's synth section to write_cohort as it is (the demo used to drop lesion_radius_mm).
     from jaxseg import demo, launch
-    from jaxseg.config import load_config
+    from jaxseg.config import SynthRunConfig, load_config
 
     seen = []
 
@@ -389,7 +389,7 @@ def test_demo_and_synth_command_write_the_whole_synth_section(tmp_path, monkeypa
         raise Stop
 
     overrides = ["synth.flavour=lesion", "synth.lesion_radius_mm=[2.0,6.0]", "synth.n_subjects=7", "synth.seed=4"]
-    cfg = load_config(None, overrides)
+    cfg = load_config(None, overrides, SynthRunConfig)
     monkeypatch.setattr(demo, "write_cohort", fake_write_cohort)
     monkeypatch.setattr(S, "write_cohort", fake_write_cohort)  # cmd_synth imports it from the package
     with pytest.raises(Stop):

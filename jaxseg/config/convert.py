@@ -152,7 +152,8 @@ def _valid_keys_hint(cls: type, key: str) -> str:
 def _convert(tp: Any, value: Any, path: str, *, strict_sections: bool = False) -> Any:
     """Validate ``value`` against annotation ``tp`` and return the typed value.
 
-    Raises :class:`_Invalid` with ``path`` (the full dotted key known so far).
+    Raises :class:`_Invalid` with ``path`` (the full dotted key known so far). Long: one branch per kind of
+    annotation (Any, unions, literals, tuples, lists, dicts, sections, scalars).
     """
     if tp is Any:
         return value

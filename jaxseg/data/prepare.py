@@ -237,7 +237,8 @@ def preprocess_case(rec: CaseRecord, *, labels: dict[str, int] | None, channel_n
     Returns the image (X, Y, Z, C) float32 on the stored grid, the label (uint8) or None, and the meta
     dict that maps arrays on that grid back to the input (``shape`` included; see
     :func:`restore_geometry`). ``prepare`` stores these; ``predict`` feeds them to the network.
-    Raises DataError naming the file."""
+    Raises DataError naming the file. Long: the six steps in order, a few lines each; apart they would
+    hand a dozen arrays and geometry values from one to the next."""
     label_values = None if labels is None else set(labels.values())
     if rec.problem:
         raise DataError(rec.problem)
@@ -423,6 +424,67 @@ def _dataset_meta(ds: Dataset, settings: dict, root: Path, status: str) -> dict:
     }
 
 
+def _check_store_matches(root: Path, ds, settings: dict) -> None:
+    """Refuse a store prepared with other settings, from another dataset or with another label set."""
+    ds_json = root / "dataset.json"  # for messages
+    if not store.has_dataset_meta(root):
+        return
+    old = store.read_dataset_meta(root)
+    if not _same_settings(old.get("preprocessing", {}), settings):
+        raise DataError(
+            f"{ds_json}: this store was prepared with different settings "
+            f"({old.get('preprocessing')}) than now ({settings}); use another store_root")
+    # Cases of two datasets must not mix under one label set.
+    if old.get("source") not in (None, str(ds.root)):
+        raise DataError(f"{ds_json}: this store holds cases prepared from {old['source']}, not "
+                        f"{ds.root}; prepare into another --store (or delete {root} first)")
+    if "labels" in old and old["labels"] != ds.labels:
+        raise DataError(f"{ds_json}: this store was prepared with the labels {old['labels']}, the dataset "
+                        f"now declares {ds.labels}; prepare into another --store (or delete {root} first)")
+
+
+def _plan_cases(root: Path, records) -> tuple[list, list[str], list[dict]]:
+    """(cases to prepare, stored cases to skip, stored cases whose source files changed, with why)."""
+    done = set(store.list_cases(root))
+    todo, skipped, redone = [], [], []
+    for r in records:
+        if r.case_id in done:
+            why = _stale_reason(root, r)
+            if why is None:
+                skipped.append(r.case_id)
+                continue
+            redone.append({"case_id": r.case_id, "reason": why})
+        todo.append(r)
+    return todo, skipped, redone
+
+
+def _run_jobs(todo, args: tuple, num_workers: int, executor: str, handle) -> None:
+    """`_prepare_case_job(rec, *args)` for every record, in this process or a pool; `handle(rec, status,
+    payload)` in completion order, here (it may raise: the pool is then shut down, pending jobs cancelled)."""
+    if num_workers <= 1 or len(todo) <= 1:
+        for rec in todo:
+            handle(rec, *_prepare_case_job(rec, *args))
+        return
+    pool: Executor
+    if executor == "process":
+        pool = ProcessPoolExecutor(max_workers=num_workers, mp_context=mp.get_context("spawn"))
+    elif executor == "thread":
+        pool = ThreadPoolExecutor(max_workers=num_workers)
+    else:
+        raise ValueError(f"executor must be 'process' or 'thread', got {executor!r}")
+    try:
+        futures: dict[Future, CaseRecord] = {pool.submit(_prepare_case_job, rec, *args): rec for rec in todo}
+        pending = set(futures)
+        while pending:
+            finished, pending = wait(pending, return_when=FIRST_COMPLETED)
+            for fut in finished:
+                handle(futures[fut], *fut.result())
+    except BaseException:
+        pool.shutdown(wait=True, cancel_futures=True)
+        raise
+    pool.shutdown(wait=True)
+
+
 def prepare(
     dataset_path: str | Path,
     store_root: str | Path,
@@ -455,6 +517,8 @@ def prepare(
 
     Report keys: ``store_root``, ``source``, ``n_total``, ``prepared``, ``skipped_existing``,
     ``redone`` ([{"case_id", "reason"}]), ``rejected`` ([{"case_id", "reason"}]), ``target_spacing``, ``seconds``.
+
+    Long for its docstring (the store's contract); the steps are the helpers above.
     """
     t0 = time.perf_counter()
     root = Path(store_root)
@@ -465,34 +529,10 @@ def prepare(
 
     root.mkdir(parents=True, exist_ok=True)
     store.remove_stale_temp(root)
-    ds_json = root / "dataset.json"  # for messages
-    if store.has_dataset_meta(root):
-        old = store.read_dataset_meta(root)
-        if not _same_settings(old.get("preprocessing", {}), settings):
-            raise DataError(
-                f"{ds_json}: this store was prepared with different settings "
-                f"({old.get('preprocessing')}) than now ({settings}); use another store_root")
-        # Cases of two datasets must not mix under one label set.
-        if old.get("source") not in (None, str(ds.root)):
-            raise DataError(f"{ds_json}: this store holds cases prepared from {old['source']}, not "
-                            f"{ds.root}; prepare into another --store (or delete {root} first)")
-        if "labels" in old and old["labels"] != ds.labels:
-            raise DataError(f"{ds_json}: this store was prepared with the labels {old['labels']}, the dataset "
-                            f"now declares {ds.labels}; prepare into another --store (or delete {root} first)")
+    _check_store_matches(root, ds, settings)
     store.write_dataset_meta(root, _dataset_meta(ds, settings, root, "in progress"))
 
-    done = set(store.list_cases(root))
-    skipped: list[str] = []
-    redone: list[dict] = []  # stored cases whose source files changed: prepared again
-    todo = []
-    for r in records:
-        if r.case_id in done:
-            why = _stale_reason(root, r)
-            if why is None:
-                skipped.append(r.case_id)
-                continue
-            redone.append({"case_id": r.case_id, "reason": why})
-        todo.append(r)
+    todo, skipped, redone = _plan_cases(root, records)
     stale = {d["case_id"] for d in redone}
     prepared: list[str] = []
     rejected: list[dict] = []
@@ -515,28 +555,7 @@ def prepare(
         bar.set_postfix(rejected=len(rejected), refresh=False)
 
     try:
-        if num_workers <= 1 or len(todo) <= 1:
-            for rec in todo:
-                handle(rec, *_prepare_case_job(rec, *args))
-        else:
-            pool: Executor
-            if executor == "process":
-                pool = ProcessPoolExecutor(max_workers=num_workers, mp_context=mp.get_context("spawn"))
-            elif executor == "thread":
-                pool = ThreadPoolExecutor(max_workers=num_workers)
-            else:
-                raise ValueError(f"executor must be 'process' or 'thread', got {executor!r}")
-            try:
-                futures: dict[Future, CaseRecord] = {pool.submit(_prepare_case_job, rec, *args): rec for rec in todo}
-                pending = set(futures)
-                while pending:
-                    finished, pending = wait(pending, return_when=FIRST_COMPLETED)
-                    for fut in finished:
-                        handle(futures[fut], *fut.result())
-            except BaseException:
-                pool.shutdown(wait=True, cancel_futures=True)
-                raise
-            pool.shutdown(wait=True)
+        _run_jobs(todo, args, num_workers, executor, handle)
     finally:
         bar.close()
         store.write_dataset_meta(root, _dataset_meta(ds, settings, root, "in progress"))

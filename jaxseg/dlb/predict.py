@@ -102,7 +102,12 @@ def make_predictor(model, grid: TileGrid, *, fusion: Fusion = "majority_vote", s
     @jax.jit
     def predict(params, volume):
         volume = volume.astype(jnp.float32)
-        probs = tile_outputs(run(params, gather_inputs(volume, grid)), grid)
+        x = gather_inputs(volume, grid)
+        n = x.shape[0]
+        if stacked:  # params padded to a multiple of the mesh (ensemble.pad_networks): pad the inputs alike
+            n_params = jax.tree_util.tree_leaves(params)[0].shape[0]
+            x = jnp.concatenate([x, jnp.zeros((n_params - n,) + x.shape[1:], x.dtype)]) if n_params > n else x
+        probs = tile_outputs(run(params, x)[:n], grid)
         labels, score = fuse(probs, grid, fusion)
         return jnp.where(brain_mask(volume), labels, 0), score
 

@@ -270,7 +270,8 @@ def import_torch_run(checkpoint: str | os.PathLike, kind: str, out: str | os.Pat
                      spacing: Sequence[float] | None = None, verify: bool = True, seed: int = 0) -> dict:
     """Convert a PyTorch checkpoint into the jaxseg run directory `out` (see the module docstring).
     Returns the import record (import.json). Bad inputs raise ImportRunError (one line, naming the file);
-    `out` is written completely or not at all."""
+    `out` is written completely or not at all. Long: every flag combination is checked up front, each with
+    its own one-line error, before anything is read or written."""
     checkpoint, out = Path(checkpoint), Path(out)
     if kind not in KINDS:
         raise ImportRunError(f"--kind {kind!r}: expected one of {', '.join(KINDS)}")

@@ -158,6 +158,8 @@ def _plot(path: Path, rows: Sequence[Mapping], ages: Mapping, true_ages: Mapping
 
 def run_age_study(cfg: NeonatalConfig, workdir: str | os.PathLike, *, progress: bool = True,
                   log: Callable[[str], None] = print) -> dict:
+    """The AgeU-Net study (module docstring) in `workdir`; returns its rows and timings. Long: one study read
+    top to bottom (cases, each setting's training, prediction, scores, table), each stage resumable."""
     from jaxseg.data.datasets import read_dataset
     from jaxseg.data.pipeline import CaseSource
     from jaxseg.data.splits import select_cases
