@@ -24,7 +24,7 @@ from importlib import metadata
 from pathlib import Path
 
 from jaxseg import runtime
-from jaxseg.fileio import write_json_atomic
+from jaxseg.fileio import write_json_atomic, write_text_atomic
 
 CONFIG = "config.yaml"
 RUN = "run.json"
@@ -137,12 +137,28 @@ def read_preprocessing(run_dir: str | os.PathLike) -> dict:
         raise RunError(f"{path}: unreadable ({e})") from None
 
 
+# Sections older jaxseg wrote into every run's config.yaml; a run's config now holds the ones it uses.
+_OLD_METHOD_SECTIONS = ("synth", "transfer", "dlb")
+
+
 def add_preprocessing(run_dir: str | os.PathLike, store_root: str | os.PathLike) -> Path:
-    """Give a run written before preprocessing.json existed the file, from the store it was trained on."""
+    """Bring a run written before preprocessing.json existed up to date: the file, from the store it was
+    trained on, and its config.yaml without the method sections older runs carried (`dlb` stays in a DLB
+    run, one with generic/ or ensemble/ stages)."""
+    import yaml
+
     run_dir = Path(run_dir)
     if not (run_dir / CONFIG).is_file():
         raise RunError(f"{run_dir}: not a run directory (no {CONFIG})")
-    return write_json_atomic(run_dir / PREPROCESSING, preprocessing_from_store(store_root))
+    pre = preprocessing_from_store(store_root)
+    data = yaml.safe_load((run_dir / CONFIG).read_text()) or {}
+    dlb_run = (run_dir / "generic").is_dir() or (run_dir / "ensemble").is_dir()
+    drop = [k for k in _OLD_METHOD_SECTIONS if k in data and not (k == "dlb" and dlb_run)]
+    if drop:
+        for k in drop:
+            data.pop(k)
+        write_text_atomic(run_dir / CONFIG, yaml.safe_dump(data, sort_keys=False))
+    return write_json_atomic(run_dir / PREPROCESSING, pre)
 
 
 def model_spacing(cfg, preprocessing: dict | None):

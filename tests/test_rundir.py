@@ -76,6 +76,9 @@ def test_a_run_predicts_from_anywhere_without_its_store_and_when_copied(tiny_sto
     # A run directory written before preprocessing.json existed: a clear error, nothing written.
     saved = (copied / "preprocessing.json").read_text()
     (copied / "preprocessing.json").unlink()
+    # ... whose config.yaml also carries the method sections older runs wrote into every config
+    with open(copied / "config.yaml", "a") as f:
+        f.write("synth:\n  n_subjects: 7\ntransfer:\n  n_old: 3\ndlb:\n  tile_size: 16\n")
     capsys.readouterr()
     assert main(["predict", "--run", str(copied), "--input", str(raw), "--split", "test",
                  "--output", str(other / "p4")]) == 1
