@@ -476,9 +476,12 @@ def write_report(
     counts = _Table(["Method"] + strata_list, 1)
     for m in methods:
         sel = [r for r in rows if r.get("method") == m]
-        counts.add([str(m)] + [str(len(sel) if s == ALL else sum(r.get("stratum") == s for r in sel))
+        # distinct cases (with several seeds each case has one row per seed)
+        counts.add([str(m)] + [str(len({r.get("case") for r in sel if s == ALL or r.get("stratum") == s}))
                                for s in strata_list])
     blocks.append(("table", counts))
+    if n_seeds > 1:
+        blocks.append(("p", f"Each case was predicted by each of {n_seeds} training seeds."))
     missing = getattr(rows, "missing", None)
     if missing:
         blocks.append(("p", f"Cases without a prediction (not evaluated): {', '.join(map(str, missing))}."))
