@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxseg.dlb.ensemble import over_networks
+from jaxseg.dlb.ensemble import over_networks, pad_networks
 from jaxseg.dlb.grid import TileGrid
 
 Fusion = Literal["mean_prob", "majority_vote"]
@@ -104,9 +104,8 @@ def make_predictor(model, grid: TileGrid, *, fusion: Fusion = "majority_vote", s
         volume = volume.astype(jnp.float32)
         x = gather_inputs(volume, grid)
         n = x.shape[0]
-        if stacked:  # params padded to a multiple of the mesh (ensemble.pad_networks): pad the inputs alike
-            n_params = jax.tree_util.tree_leaves(params)[0].shape[0]
-            x = jnp.concatenate([x, jnp.zeros((n_params - n,) + x.shape[1:], x.dtype)]) if n_params > n else x
+        if stacked:  # params padded to a multiple of the mesh: pad the inputs alike
+            x = pad_networks(x, jax.tree_util.tree_leaves(params)[0].shape[0])
         probs = tile_outputs(run(params, x)[:n], grid)
         labels, score = fuse(probs, grid, fusion)
         return jnp.where(brain_mask(volume), labels, 0), score

@@ -97,11 +97,6 @@ def _class_dice(pred: np.ndarray, ref: np.ndarray, num_classes: int) -> dict[int
     return scores
 
 
-def _mean_foreground_dice(pred: np.ndarray, ref: np.ndarray, num_classes: int) -> float:
-    scores = list(_class_dice(pred, ref, num_classes).values())
-    return float(np.mean(scores)) if scores else float("nan")
-
-
 def class_names(store_root, num_classes: int) -> list[str]:
     """Name of each class index (the store's dataset labels; ``class_<i>`` where it names none)."""
     names = [f"class_{c}" for c in range(num_classes)]
