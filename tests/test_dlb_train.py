@@ -228,3 +228,72 @@ def test_sigkill_mid_stage_then_rerun_matches_uninterrupted_run(cohort, tmp_path
     got_hist = json.loads((workdir / "ensemble" / "history.json").read_text())
     strip = lambda rows: [{k: v for k, v in r.items() if k != "seconds"} for r in rows]
     assert strip(got_hist["epochs"]) == strip(ref_hist["epochs"]) and len(got_hist["epochs"]) == 8
+
+
+def _fake_seed(seed, shift):
+    """One seed's `run_ablation_seed` output on hand-made numbers: two variants, one test set of 6 images."""
+    from jaxseg.dlb import ablation
+
+    rng = np.random.default_rng(seed)
+    table, cases = [], []
+    for k, (label, *_rest) in enumerate(ablation.VARIANTS[:2]):
+        rows = [{"variant": label, "case": f"c{i}", "site": "site1", "dice": float(d), "ppv": float(p),
+                 "tpr": 0.5, "lfpr": float(f), "ltpr": float(t), "pred_ml": float(v), "ref_ml": float(v + rng.normal())}
+                for i, (d, p, f, t, v) in enumerate(zip(rng.uniform(0.4, 0.8, 6) - 0.1 * k + shift,
+                                                        rng.uniform(0.5, 0.9, 6), rng.uniform(0, 0.5, 6),
+                                                        rng.uniform(0.4, 0.9, 6), rng.uniform(5, 30, 6)))]
+        row = {"variant": label, "test": "cross-site site1", **ablation.summarise(rows)}
+        for r in rows:
+            r["test"], r["hybrid_image"] = row["test"], ablation.image_hybrid(r, row["corr"])
+        table.append(row)
+        cases += rows
+    return {"table": table, "cases": cases, "timings": {"total_s": 1.0}}
+
+
+def test_ablation_over_seeds_on_hand_made_numbers(tmp_path):
+    from scipy import stats
+
+    from jaxseg.dlb import ablation
+
+    per_seed = {s: _fake_seed(s, 0.01 * s) for s in (0, 1, 2)}
+    rows, cases = ablation.write_over_seeds(tmp_path, per_seed, {"total_s": 3.0})
+    ref_label, other = ablation.VARIANTS[0][0], ablation.VARIANTS[1][0]
+    by = {r["variant"]: r for r in rows}
+    hyb = {v: [next(t["hybrid"] for t in per_seed[s]["table"] if t["variant"] == v) for s in (0, 1, 2)]
+           for v in (ref_label, other)}
+    assert by[other]["hybrid_mean"] == pytest.approx(np.mean(hyb[other]))
+    assert by[other]["hybrid_sd"] == pytest.approx(np.std(hyb[other], ddof=1))
+    assert by[other]["vs_ref_hybrid"]["diff"] == pytest.approx(np.mean(hyb[other]) - np.mean(hyb[ref_label]))
+    # per-image hybrid = the ISBI formula with the test set's Corr; Wilcoxon over images on their seed means
+    c = per_seed[1]["cases"][3]
+    corr = next(t["corr"] for t in per_seed[1]["table"] if t["variant"] == c["variant"])
+    assert c["hybrid_image"] == pytest.approx(c["dice"] / 8 + c["ppv"] / 8 + (1 - c["lfpr"]) / 4 + c["ltpr"] / 4
+                                              + corr / 4)
+    mean_img = {v: [np.mean([x["hybrid_image"] for s in (0, 1, 2) for x in per_seed[s]["cases"]
+                             if x["variant"] == v and x["case"] == f"c{i}"]) for i in range(6)] for v in hyb}
+    assert by[other]["wilcoxon_p"] == pytest.approx(stats.wilcoxon(mean_img[ref_label], mean_img[other]).pvalue)
+    assert "vs_ref_hybrid" not in by[ref_label]
+    md = (tmp_path / "table.md").read_text()
+    assert "Wilcoxon" in md and " ± " in md and len(cases) == 3 * 2 * 6
+    assert (tmp_path / "ablation.png").stat().st_size > 5000 and (tmp_path / "cases.csv").exists()
+
+
+@pytest.mark.slow
+def test_ablation_study_over_two_seeds_resumes(cohort, tmp_path, monkeypatch):
+    from jaxseg.dlb import ablation
+
+    # the full method and its generic network: one training per seed
+    monkeypatch.setattr(ablation, "VARIANTS", (ablation.VARIANTS[0], ablation.VARIANTS[3]))
+    cfg = tiny_cfg(cohort, "seeds=[0,1]")
+    out = ablation.run_ablation(cfg, tmp_path / "abl", log=lambda *_: None)
+    for s in (0, 1):
+        assert (tmp_path / "abl" / f"seed{s}" / "table.md").exists()
+        assert (tmp_path / "abl" / f"seed{s}" / "hsl_iqda" / "config.yaml").exists()
+    rows = {(r["variant"], r["test"]): r for r in out["table"]}
+    for (variant, test), r in rows.items():
+        per = [next(t["hybrid"] for t in out["per_seed"][s]["table"] if t["variant"] == variant and t["test"] == test)
+               for s in (0, 1)]
+        assert r["hybrid"] == per and r["hybrid_mean"] == pytest.approx(np.mean(per))
+    # a rerun trains nothing again and gives the same table
+    again = ablation.run_ablation(cfg, tmp_path / "abl", log=lambda *_: None)
+    assert [r["hybrid"] for r in again["table"]] == [r["hybrid"] for r in out["table"]]

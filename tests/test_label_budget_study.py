@@ -19,6 +19,7 @@ from jaxseg.neonatal.label_budget import (
     labelled_counts,
     n_full_subjects,
     setting_config,
+    summarise,
     table_markdown,
     write_table,
 )
@@ -82,21 +83,29 @@ def test_budget_study_command_has_help(capsys):
 
 def test_settings_configs_and_equal_slice_budget():
     cfg = load_config(None, ["seed=3"])
-    assert [s[0] for s in SETTINGS] == ["random", "sagittal", "coronal", "axial", "full"]
+    assert [s[0] for s in SETTINGS] == ["random", "sagittal", "coronal", "axial", "full", "full_epochs"]
     train = IDS[:24]
     n_full = n_full_subjects(len(train), cfg.data.label_budget.fraction)
     assert n_full == 8
     shapes = {c: (30, 30, 30) for c in IDS}
     counts = {}
     for name, enabled, axis in SETTINGS:
-        rc = setting_config(cfg, name, n_full)
+        rc = setting_config(cfg, name, n_full, len(train))
         assert rc.data.label_budget.enabled is enabled
         assert rc.data.max_train_cases == (None if enabled else n_full)
         if enabled:
             assert rc.data.label_budget.axis == axis
         ids = limit_cases(train, rc.data.max_train_cases)
         counts[name] = labelled_counts(rc, shapes, ids)
-    assert counts["full"] == {"subjects": 8, "labelled_slices": 8 * 30, "labelled_voxels": 8 * 30 ** 3}
+    assert counts["full"] == counts["full_epochs"] == {"subjects": 8, "labelled_slices": 8 * 30,
+                                                       "labelled_voxels": 8 * 30 ** 3}
+    # equal steps vs equal epochs: full_epochs makes as many passes over its 8 subjects as the others over 24
+    steps = {n: setting_config(cfg, n, n_full, len(train)).train for n in ("random", "full", "full_epochs")}
+    assert steps["random"] == steps["full"] == cfg.train
+    assert steps["full_epochs"].steps_per_epoch == round(cfg.train.steps_per_epoch * 8 / 24)
+    assert steps["full_epochs"].epochs == cfg.train.epochs
+    with pytest.raises(ValueError, match="full_epochs needs"):
+        setting_config(cfg, "full_epochs", n_full)
     for name in ("random", "sagittal", "coronal", "axial"):  # 10 of 30 slices per subject: equal budget
         assert counts[name] == {"subjects": 24, "labelled_slices": 24 * 10, "labelled_voxels": 24 * 10 * 900}
 
@@ -117,37 +126,49 @@ def test_case_dice_with_and_without_background():
 
 
 def _rows():
-    vals = {"random": 0.91, "sagittal": 0.90, "coronal": 0.913, "axial": 0.905, "full": 0.852}
-    return [{"setting": s, "subjects": 16 if s == "full" else 48, "labelled_slices": 800 if s == "full" else 790,
-             "labelled_voxels": 10 ** 6, "val_dice_all": v + 0.01, "val_dice_fg": v - 0.02, "test_dice_all": v,
-             "test_dice_fg": v - 0.03, "n_val": 12, "n_test": 20, "best_step": 250, "train_val_dice": v - 0.05}
-            for s, v in vals.items()]
+    vals = {"random": 0.91, "sagittal": 0.90, "coronal": 0.913, "axial": 0.905, "full": 0.852, "full_epochs": 0.80}
+    return [{"setting": s, "seed": seed, "steps": 100 if s == "full_epochs" else 300,
+             "subjects": 16 if s.startswith("full") else 48, "labelled_slices": 800 if s.startswith("full") else 790,
+             "labelled_voxels": 10 ** 6, "val_dice_all": v + 0.01 + d, "val_dice_fg": v - 0.02 + d,
+             "test_dice_all": v + d, "test_dice_fg": v - 0.03 + (6 * d if s == "axial" else d), "n_val": 12,
+             "n_test": 20, "best_step": 250, "train_val_dice": v - 0.05}
+            for seed, d in ((0, -0.01), (1, 0.0), (2, 0.01)) for s, v in vals.items()]
 
 
 def test_write_table_on_hand_made_numbers(tmp_path):
     rows = _rows()
-    per_class = {r["setting"]: {"test": {"background": 0.99, "WM": r["test_dice_fg"]}} for r in rows}
-    paths = write_table(tmp_path, rows, per_class=per_class, timings={"total_s": 12.5}, info={"steps": 250},
+    per_class = {s: {"test": {"background": 0.99, "WM": 0.5}} for s in {r["setting"] for r in rows}}
+    paths = write_table(tmp_path, rows, per_class=per_class, timings={"total_s": 12.5}, info={"steps": 300},
                         notes=["a note"])
     md = (tmp_path / "table.md").read_text().splitlines()
-    assert md[0].startswith("| Setting | Training subjects | Labelled slices |")
+    assert md[0].startswith("| Setting | Steps | Training subjects | Labelled slices |")
     assert "Validation Dice (all classes)" in md[0] and "Test Dice (foreground)" in md[0]
+    assert "vs full (equal steps)" in md[0] and "vs full_epochs (equal epochs)" in md[0]
     body = [l for l in md[2:] if l.startswith("| ")]
-    assert [l.split("|")[1].strip() for l in body] == ["random", "sagittal", "coronal", "axial", "full"]
-    assert body[0] == "| random | 48 | 790 | 1000000 | 0.920 | 0.890 | 0.910 | 0.880 | 0.910 |"
-    assert body[4] == "| full | 16 | 800 | 1000000 | 0.862 | 0.832 | 0.852 | 0.822 | 0.852 |"
+    assert [l.split("|")[1].strip() for l in body] == ["random", "sagittal", "coronal", "axial", "full", "full_epochs"]
+    # mean ± SD over the 3 seeds (SD of -0.01, 0, 0.01 = 0.01); Δ fg vs full = 0.88 - 0.822 = 0.058 > 0.02: starred;
+    # axial's fg SD is 0.06, so its Δ vs full (0.053) is not beyond 0.06 + 0.01
+    assert body[0] == ("| random | 300 | 48 | 790 | 0.920 ± 0.010 | 0.890 ± 0.010 | 0.910 ± 0.010 | 0.880 ± 0.010 | "
+                       "+0.058* | +0.110* | 0.910 |")
+    assert body[3].split("|")[9:11] == [" +0.053 ", " +0.105* "]
+    assert body[4].split("|")[9:11] == [" - ", " +0.052* "] and body[4].endswith("| nan |")
+    assert body[5].startswith("| full_epochs | 100 | 16 | 800 |") and body[5].endswith("| - | 0.852 |")
     assert md[-1] == "a note"
     with open(tmp_path / "table.csv") as f:
         got = list(csv.DictReader(f))
-    assert list(got[0]) == list(COLUMNS) and len(got) == 5
-    assert float(got[2]["test_dice_all"]) == pytest.approx(0.913) and got[4]["subjects"] == "16"
+    assert list(got[0]) == list(COLUMNS) and len(got) == 18 and got[0]["seed"] == "0"
+    assert float(got[2]["test_dice_all"]) == pytest.approx(0.903) and got[4]["subjects"] == "16"
     record = json.loads((tmp_path / "table.json").read_text())
-    assert record["timings"] == {"total_s": 12.5} and record["info"] == {"steps": 250}
-    assert record["per_class"]["axial"]["test"]["WM"] == pytest.approx(0.875)
-    assert record["paper_table3_test"]["full"] == 0.852
+    assert record["timings"] == {"total_s": 12.5} and record["info"] == {"steps": 300}
+    summary = {r["setting"]: r for r in record["summary"]}
+    assert summary["coronal"]["test_dice_all_mean"] == pytest.approx(0.913)
+    assert summary["coronal"]["test_dice_all_sd"] == pytest.approx(np.std([0.903, 0.913, 0.923], ddof=1))
+    assert summary["random"]["vs_full_test_dice_fg"]["exceeds"] is True
+    assert record["paper_table3_test"]["full_epochs"] == 0.852
     assert paths["plot"].stat().st_size > 5000
     # NaN prints as nan, not as a crash
-    assert "| nan |" in table_markdown([{**rows[0], "val_dice_all": float("nan")}])
+    nan_rows = [{**r, "val_dice_all": float("nan")} for r in rows if r["setting"] == "random"]
+    assert "| nan |" in table_markdown(summarise(nan_rows))
 
 
 # -------------------------------------------------------- masked deep supervision (upsample_outputs)
@@ -180,32 +201,45 @@ def test_run_label_budget_tiny(tmp_path, monkeypatch):
     from jaxseg.launch import main
     from jaxseg.neonatal import label_budget
 
-    # Three of the five settings (random, axial, full: both code paths) keep the smoke test near a minute;
-    # each run costs its compiles (~20 s on the 2-core CPU) whatever the step count.
-    monkeypatch.setattr(label_budget, "SETTINGS", tuple(s for s in SETTINGS if s[0] in ("random", "axial", "full")))
+    # Four of the six settings (random, axial, full, full_epochs: every code path) keep the smoke test near a
+    # minute; each run costs its compiles (~20 s on the 2-core CPU) whatever the step count.
+    monkeypatch.setattr(label_budget, "SETTINGS",
+                        tuple(s for s in SETTINGS if s[0] in ("random", "axial", "full", "full_epochs")))
 
     overrides = ["synth.n_subjects=14", "synth.n_test=3", "synth.spacing=8.0", "data.patch_size=[16,16,16]",
                  "model.features_base=4", "model.features_max=8", "data.batch_size=8",
-                 "train.epochs=1", "train.steps_per_epoch=2", "train.val_every=1", "train.checkpoint_every=2",
-                 "data.threads=1", "eval.window_batch=8"]
+                 "train.epochs=1", "train.steps_per_epoch=6", "train.val_every=1", "train.checkpoint_every=6",
+                 "data.threads=1", "eval.window_batch=8", "seeds=[0,1]"]
     work = tmp_path / "study"
     assert main(["budget-study", "--workdir", str(work), *overrides]) == 0
     record = json.loads((work / "table.json").read_text())
-    rows = {r["setting"]: r for r in record["rows"]}
-    assert list(rows) == ["random", "axial", "full"]
+    assert [(r["setting"], r["seed"]) for r in record["rows"]] == [
+        (s, seed) for seed in (0, 1) for s in ("random", "axial", "full", "full_epochs")]
     # 11 training cases, fold 0: 8 train / 3 validation; "full" = round(8 / 3) = 3 subjects
-    assert record["info"]["n_train"] == 8 and record["info"]["n_full"] == 3
-    assert rows["full"]["subjects"] == 3 and all(rows[s]["subjects"] == 8 for s in rows if s != "full")
-    for name, r in rows.items():
-        assert r["n_val"] == 3 and r["n_test"] == 3 and r["best_step"] == 2
+    assert record["info"]["n_train"] == 8 and record["info"]["n_full"] == 3 and record["info"]["seeds"] == [0, 1]
+    for r in record["rows"]:
+        assert r["subjects"] == (3 if r["setting"].startswith("full") else 8)
+        assert r["steps"] == r["best_step"] == (2 if r["setting"] == "full_epochs" else 6)  # round(6 * 3 / 8)
+        assert r["n_val"] == 3 and r["n_test"] == 3
         for k in ("val_dice_all", "val_dice_fg", "test_dice_all", "test_dice_fg"):
             assert 0.0 <= r[k] <= 1.0
-        assert len(list((work / name / "predictions").glob("*.nii.gz"))) == 6  # validation + test
-        cfg = load_config(work / name / "config.yaml")
-        assert cfg.data.label_budget.enabled is (name != "full")
-        assert cfg.data.max_train_cases == (3 if name == "full" else None)
-    assert record["timings"]["total_s"] > 0 and "train_full_s" in record["timings"]
-    assert (work / "table.md").read_text().count("\n| ") >= 3 and (work / "budget.png").exists()
+        run = work / r["setting"] / f"seed{r['seed']}"
+        assert len(list((run / "predictions").glob("*.nii.gz"))) == 6  # validation + test
+        cfg = load_config(run / "config.yaml")
+        assert cfg.seed == r["seed"] and cfg.data.label_budget.enabled is (not r["setting"].startswith("full"))
+        assert cfg.data.max_train_cases == (3 if r["setting"].startswith("full") else None)
+    # the seeds are different runs
+    by = {(r["setting"], r["seed"]): r for r in record["rows"]}
+    assert by[("random", 0)]["labelled_slices"] != by[("random", 1)]["labelled_slices"] or \
+        by[("random", 0)]["test_dice_all"] != by[("random", 1)]["test_dice_all"]
+    summary = {r["setting"]: r for r in record["summary"]}
+    vals = [by[("axial", s)]["test_dice_fg"] for s in (0, 1)]
+    assert summary["axial"]["test_dice_fg_mean"] == pytest.approx(np.mean(vals))
+    assert summary["axial"]["test_dice_fg_sd"] == pytest.approx(np.std(vals, ddof=1))
+    assert summary["axial"]["vs_full_test_dice_fg"]["diff"] == pytest.approx(
+        np.mean(vals) - np.mean([by[("full", s)]["test_dice_fg"] for s in (0, 1)]))
+    assert record["timings"]["total_s"] > 0 and "train_full_epochs_seed1_s" in record["timings"]
+    assert (work / "table.md").read_text().count("\n| ") == 4 and (work / "budget.png").exists()  # 4 settings
     # A rerun resumes: nothing is trained or predicted again, the table is the same.
     assert main(["budget-study", "--workdir", str(work), *overrides]) == 0
     again = json.loads((work / "table.json").read_text())

@@ -169,20 +169,36 @@ def test_strategy_configs(tmp_path):
         transfer.strategy_config(cfg, "none", 0, roles, tmp_path / "pre")
 
 
-def test_bonferroni_welch_against_the_formula():
-    from scipy import stats
-
+def test_paired_tests_on_seed_means_against_the_formula():
+    # Per strategy, each case's Dice is first averaged over the seeds; the t-test is paired over the cases.
     rng = np.random.default_rng(1)
-    samples = {"a": rng.normal(0.8, 0.05, 12), "b": rng.normal(0.75, 0.1, 9), "c": rng.normal(0.8, 0.02, 15)}
-    got = transfer.bonferroni_pairs(samples)
-    assert list(got) == [("a", "b"), ("a", "c"), ("b", "c")]
+    cases = [f"k{i}" for i in range(12)]
+    base = rng.uniform(0.5, 0.9, len(cases))
+    def run(shift, noise):
+        v = base + shift + rng.normal(0, noise, len(cases))
+        return {"cases": {c: {"all": float(x), "fg": float(x) - 0.1, "per_class": {0: 1.0, 1: float(x)}}
+                          for c, x in zip(cases, v)}}
+    runs = {"none": [run(0.0, 0.01)], "shallow": [run(0.02, 0.03) for _ in range(3)],
+            "full": [run(0.05, 0.03) for _ in range(3)]}
+    summary = transfer.summarise(runs, {0: "background", 1: "tissue"})
+    got = transfer.paired_tests(summary, "fg")
+    assert list(got) == [("none", "shallow"), ("none", "full"), ("shallow", "full")]
     for (x, y), p in got.items():
-        a, b = samples[x], samples[y]
-        va, vb = a.var(ddof=1) / len(a), b.var(ddof=1) / len(b)
-        t = (a.mean() - b.mean()) / np.sqrt(va + vb)
-        dof = (va + vb) ** 2 / (va**2 / (len(a) - 1) + vb**2 / (len(b) - 1))
-        assert p == pytest.approx(min(1.0, 3 * 2 * stats.t.sf(abs(t), dof)), rel=1e-9)
-    assert math.isnan(transfer.bonferroni_pairs({"a": [0.5], "b": [0.1, 0.2]})[("a", "b")])
+        a = np.mean([[r["cases"][c]["fg"] for c in cases] for r in runs[x]], axis=0)
+        b = np.mean([[r["cases"][c]["fg"] for c in cases] for r in runs[y]], axis=0)
+        d = a - b
+        t = d.mean() / (d.std(ddof=1) / np.sqrt(len(d)))
+        from scipy import stats
+        assert p == pytest.approx(min(1.0, 3 * 2 * stats.t.sf(abs(t), len(d) - 1)), rel=1e-9)
+    # the spread test on run means: B - A of the means, starred when beyond SD_A + SD_B
+    spread = transfer.spread_pairs(summary, "fg")
+    full, shallow = summary["full"]["per_run"]["fg"], summary["shallow"]["per_run"]["fg"]
+    c = spread[("shallow", "full")]
+    assert c["diff"] == pytest.approx(np.mean(full) - np.mean(shallow))
+    assert c["exceeds"] == (abs(c["diff"]) > np.std(full, ddof=1) + np.std(shallow, ddof=1))
+    table = transfer.table_markdown(summary, {0: "background", 1: "tissue"},
+                                    {w: transfer.paired_tests(summary, w) for w in ("all", "fg")})
+    assert "paired t-tests over the test cases" in table and "beyond the seed spread" in table
 
 
 def test_summary_means_and_sds_over_runs():
@@ -195,7 +211,9 @@ def test_summary_means_and_sds_over_runs():
     assert s["full"]["sd"]["all"] == pytest.approx(np.std([0.6, 0.8], ddof=1))
     assert s["full"]["mean"]["1"] == pytest.approx(0.7) and s["full"]["n_runs"] == 2
     assert math.isnan(s["none"]["sd"]["fg"]) and s["none"]["mean"]["fg"] == pytest.approx(0.4)
-    assert s["full"]["cases_all"] == [0.5, 0.7, 0.8, 0.8]
+    assert s["full"]["case_means_all"] == pytest.approx({"k0": 0.65, "k1": 0.75})  # each case once
+    with pytest.raises(ValueError, match="same cases"):
+        transfer.summarise({"full": [run([0.5, 0.7]), run([0.8])]}, {0: "background", 1: "tissue"})
 
 
 # ---------------------------------------------------------------------------------- end to end
@@ -214,23 +232,40 @@ def test_age_study_tiny(tmp_path, monkeypatch):
                                                     if v[0] in ("unet", "ageunet_centred")))
     work = tmp_path / "age"
     args = ["age-study", "--workdir", str(work), *TINY, "model.n_stages=3", "synth.n_subjects=12", "synth.n_test=3",
-            "train.epochs=1", "train.steps_per_epoch=2", "train.val_every=1", "train.checkpoint_every=2"]
+            "train.epochs=1", "train.steps_per_epoch=2", "train.val_every=1", "train.checkpoint_every=2", "seeds=[0,1]"]
     assert main(args) == 0
     record = json.loads((work / "table.json").read_text())
-    rows = {r["model"]: r for r in record["rows"]}
-    assert list(rows) == ["unet", "ageunet_centred"]
-    assert set(record["predicted_ages"]) == {"ageunet_centred"}
+    assert [(r["model"], r["seed"]) for r in record["rows"]] == [("unet", 0), ("ageunet_centred", 0),
+                                                                 ("unet", 1), ("ageunet_centred", 1)]
+    rows = {(r["model"], r["seed"]): r for r in record["rows"]}
+    assert set(record["predicted_ages"]) == {"0", "1"}
     true = record["true_ages"]
-    pred = record["predicted_ages"]["ageunet_centred"]
-    assert set(pred) == set(true) and len(true) == 3
-    ref = age_unet.age_metrics(pred, true, record["baseline_age"])
-    assert rows["ageunet_centred"]["age_mae"] == pytest.approx(ref["age_mae"])
-    assert math.isnan(rows["unet"]["age_mae"]) and rows["unet"]["baseline_mae"] == pytest.approx(ref["baseline_mae"])
-    # The centred head starts at the training ages' mean: after 2 steps it is still near it.
-    assert abs(np.mean(list(pred.values())) - record["baseline_age"]) < 5.0
-    for name in rows:
-        assert 0.0 <= rows[name]["test_dice_all"] <= 1.0
+    maes = []
+    for seed in (0, 1):
+        pred = record["predicted_ages"][str(seed)]["ageunet_centred"]
+        assert set(pred) == set(true) and len(true) == 3
+        ref = age_unet.age_metrics(pred, true, record["baseline_age"])
+        assert rows[("ageunet_centred", seed)]["age_mae"] == pytest.approx(ref["age_mae"])
+        maes.append(ref["age_mae"])
+        assert math.isnan(rows[("unet", seed)]["age_mae"])
+        assert rows[("unet", seed)]["baseline_mae"] == pytest.approx(ref["baseline_mae"])
+        # The centred head starts at the training ages' mean (an uncentred one starts near 0 weeks): after 2
+        # steps its predictions are still within 10 weeks of it.
+        assert abs(np.mean(list(pred.values())) - record["baseline_age"]) < 10.0
+        assert (work / "ageunet_centred" / f"seed{seed}" / "predictions" / "ages.csv").is_file()
+    # the summary: mean ± SD over the seeds, the difference to the U-Net's Dice and to the baseline's MAE
+    summary = {r["model"]: r for r in record["summary"]}
+    assert summary["ageunet_centred"]["age_mae_mean"] == pytest.approx(np.mean(maes))
+    assert summary["ageunet_centred"]["age_mae_sd"] == pytest.approx(np.std(maes, ddof=1))
+    fg = {m: [rows[(m, s)]["test_dice_fg"] for s in (0, 1)] for m in ("unet", "ageunet_centred")}
+    assert summary["ageunet_centred"]["vs_unet_test_dice_fg"]["diff"] == pytest.approx(
+        np.mean(fg["ageunet_centred"]) - np.mean(fg["unet"]))
+    assert summary["ageunet_centred"]["vs_baseline_mae"]["diff"] == pytest.approx(
+        np.mean(maes) - rows[("unet", 0)]["baseline_mae"])
+    for r in rows.values():
+        assert 0.0 <= r["test_dice_all"] <= 1.0
     assert (work / "age.png").exists() and (work / "age_effect.png").exists()
+    assert " ± " in (work / "table.md").read_text()
     effect = json.loads((work / "age_effect.json").read_text())["pearson_r_with_age"]
     assert effect["brain_ml"] > 0.5 and effect["wm_gm_contrast"] > 0.5  # the cohort carries an age effect
     # A rerun resumes without training or predicting again, and keeps the ages.

@@ -35,6 +35,7 @@ import numpy as np
 from jaxseg.fileio import write_text_atomic
 from jaxseg.evaluation import metrics as M
 from jaxseg.evaluation import plots as P
+from jaxseg.evaluation.seeds import compare_seeds
 
 __all__ = [
     "stratified_table",
@@ -205,12 +206,10 @@ def compare_over_seeds(
         row: dict[str, Any] = {"stratum": first["stratum"], "structure": first["structure"], "seeds": len(seeds),
                                "n": first[f"{a}_n"]}
         for st in _stat_names(percentiles)[1:]:
-            for m in methods:
-                v = np.asarray([t[i][f"{m}_{st}"] for t in per_seed], dtype=np.float64)
-                row[f"{m}_{st}"] = float(np.nanmean(v)) if np.isfinite(v).any() else math.nan
-                row[f"{m}_{st}_sd"] = float(np.nanstd(v, ddof=1)) if np.isfinite(v).sum() > 1 else 0.0
-            row[f"diff_{st}"] = row[f"{b}_{st}"] - row[f"{a}_{st}"]
-            row[f"exceeds_{st}"] = bool(abs(row[f"diff_{st}"]) > row[f"{a}_{st}_sd"] + row[f"{b}_{st}_sd"])
+            c = compare_seeds([t[i][f"{a}_{st}"] for t in per_seed], [t[i][f"{b}_{st}"] for t in per_seed])
+            for m, key in ((a, "a"), (b, "b")):
+                row[f"{m}_{st}"], row[f"{m}_{st}_sd"] = c[f"mean_{key}"], c[f"sd_{key}"]
+            row[f"diff_{st}"], row[f"exceeds_{st}"] = c["diff"], c["exceeds"]
         out.append(row)
     return out
 

@@ -16,15 +16,17 @@ subjects (``transfer.finetune_steps`` each, no validation: the last checkpoint):
 
 -> every run predicts the young test subjects -> Dice per tissue per case.
 
-Outputs (workdir): ``table.md`` (Table 4 layout: per-tissue Dice, mean +- SD over the seeds' runs,
-and the Bonferroni-corrected p-values of independent Welch t-tests between every pair of strategies,
-on all classes and on the foreground as the paper's Tables 5 and 6), ``table.csv``, ``table.json``
+Outputs (workdir): ``table.md`` (Table 4 layout: per-tissue Dice, mean +- SD over the seeds' runs;
+the differences of the run means, starred beyond the seed spread; and the Bonferroni-corrected p-values
+of paired t-tests over the test cases between every pair of strategies, on all classes and on the
+foreground as the paper's Tables 5 and 6), ``table.csv``, ``table.json``
 (per-run and per-case scores, roles, timings), ``transfer.png`` (Figure 11 layout) and the cohort's
 ``age_effect.png``. Every stage is skipped when its output is complete, so a rerun resumes.
 
-The t-tests take each strategy's per-case Dice over all its runs (seeds x test cases; ``none``: one
-run), so a test case appears once per seed: the p-values are optimistic by that repetition, which the
-table says.
+The t-tests are paired over the test cases, each case's Dice first averaged over a strategy's runs
+(seeds; ``none``: one run), so a case counts once: pooling seeds x cases would count each case once per
+seed and overstate significance. The seed spread is the other test: two strategies differ beyond it
+when their run means' mean ± SD intervals do not overlap.
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ import numpy as np
 
 from jaxseg.config import save_config
 from jaxseg.evaluation.plots import save_figure
+from jaxseg.evaluation.seeds import case_means, compare_seeds, fmt_diff, pairwise_paired
 from jaxseg.fileio import atomic_path, write_text_atomic
 from jaxseg.neonatal.common import BACKGROUND, fmt, image_folder, score_cases, tissue_cohort, write_age_effect
 from jaxseg.neonatal.config import NeonatalConfig
@@ -93,27 +96,22 @@ def strategy_config(cfg: NeonatalConfig, strategy: str, seed: int, roles: Mappin
 # ---------------------------------------------------------------------------------------- statistics
 
 
-def welch_p(a: Sequence[float], b: Sequence[float]) -> float:
-    """Two-sided p-value of Welch's independent t-test (nan when a side has < 2 values or no spread)."""
-    from scipy import stats
-
-    a, b = np.asarray(a, float), np.asarray(b, float)
-    a, b = a[np.isfinite(a)], b[np.isfinite(b)]
-    if len(a) < 2 or len(b) < 2 or (a.std() == 0 and b.std() == 0):
-        return math.nan
-    return float(stats.ttest_ind(a, b, equal_var=False).pvalue)
+def paired_tests(summary: Mapping, what: str) -> dict[tuple[str, str], float]:
+    """Bonferroni-corrected p-values of paired t-tests over the test cases between every pair of
+    strategies, on each case's Dice averaged over the strategy's runs (`what`: ``all`` or ``fg``)."""
+    return pairwise_paired({s: v[f"case_means_{what}"] for s, v in summary.items()}, test="t")
 
 
-def bonferroni_pairs(samples: Mapping[str, Sequence[float]]) -> dict[tuple[str, str], float]:
-    """Welch p-values of every pair of `samples`' keys, times the number of pairs (capped at 1)."""
-    pairs = list(itertools.combinations(samples, 2))
-    return {(a, b): (min(1.0, p * len(pairs)) if not math.isnan(p := welch_p(samples[a], samples[b])) else math.nan)
-            for a, b in pairs}
+def spread_pairs(summary: Mapping, what: str) -> dict[tuple[str, str], dict]:
+    """`compare_seeds` of the run means of every pair (B = the second strategy)."""
+    return {(a, b): compare_seeds(summary[a]["per_run"][what], summary[b]["per_run"][what])
+            for a, b in itertools.combinations(summary, 2)}
 
 
 def summarise(runs: Mapping[str, Sequence[Mapping]], class_names: Mapping[int, str]) -> dict:
-    """Per strategy: mean and SD over its runs of the run-level mean Dice (all, fg, per class), and its
-    pooled per-case scores for the tests. `runs`: strategy -> [{"cases": {case: case_dice}}, ...]."""
+    """Per strategy: mean and SD over its runs of the run-level mean Dice (all, fg, per class), and each
+    case's Dice averaged over the runs (``case_means_all`` / ``_fg``, for the paired tests). `runs`:
+    strategy -> [{"cases": {case: case_dice}}, ...] (every run of the same cases)."""
     out = {}
     for strategy, rs in runs.items():
         def run_mean(r, key):
@@ -126,8 +124,8 @@ def summarise(runs: Mapping[str, Sequence[Mapping]], class_names: Mapping[int, s
             "mean": {str(k): float(np.mean(v)) for k, v in per_run.items()},
             "sd": {str(k): (float(np.std(v, ddof=1)) if len(v) > 1 else math.nan) for k, v in per_run.items()},
             "per_run": {str(k): v for k, v in per_run.items()},
-            "cases_all": [c["all"] for r in rs for c in r["cases"].values()],
-            "cases_fg": [c["fg"] for r in rs for c in r["cases"].values()],
+            **{f"case_means_{k}": case_means([{c: v[k] for c, v in r["cases"].items()} for r in rs])
+               for k in ("all", "fg")},
         }
     return out
 
@@ -159,8 +157,16 @@ def table_markdown(summary: Mapping, class_names: Mapping[int, str], tests: Mapp
         lines.append(f"| {strategy} | {s['n_runs']} | " + " | ".join(_cell(s, str(k)) for k in fg) +
                      f" | {_cell(s, 'all')} | {_cell(s, 'fg')} |")
     names = list(summary)
+    for what, title in (("all", "all classes"), ("fg", "foreground")):
+        spread = spread_pairs(summary, what)
+        lines += ["", f"### Differences of the run means, {title}: column − row, * beyond the seed spread", "",
+                  "| | " + " | ".join(names[1:]) + " |", "|:---|" + "---:|" * (len(names) - 1)]
+        for i, a in enumerate(names[:-1]):
+            cells = [(fmt_diff(spread[(a, b)]) if j > i else "") for j, b in enumerate(names) if j >= 1]
+            lines.append(f"| {a} | " + " | ".join(cells) + " |")
     for what, title in (("all", "all classes (Table 5)"), ("fg", "foreground (Table 6)")):
-        lines += ["", f"### Bonferroni-corrected p-values, Welch t-tests on per-case Dice, {title}", "",
+        lines += ["", f"### Bonferroni-corrected p-values, paired t-tests over the test cases (each case's Dice "
+                      f"averaged over the seeds), {title}", "",
                   "| | " + " | ".join(names[1:]) + " |", "|:---|" + "---:|" * (len(names) - 1)]
         for i, a in enumerate(names[:-1]):
             cells = [(_p(tests[what].get((a, b))) if j > i else "") for j, b in enumerate(names) if j >= 1]
@@ -207,7 +213,10 @@ def write_outputs(workdir: Path, summary: Mapping, class_names: Mapping[int, str
         for strategy, s in summary.items():
             w.writerow([strategy, s["n_runs"], *[f"{s[m][k]:.6f}" for k in keys for m in ("mean", "sd")]])
     tests_json = {what: {f"{a} vs {b}": p for (a, b), p in t.items()} for what, t in tests.items()}
-    write_text_atomic(paths["json"], json.dumps({**record, "summary": summary, "bonferroni_p": tests_json},
+    spread = {what: {f"{a} vs {b}": c for (a, b), c in spread_pairs(summary, what).items()} for what in ("all", "fg")}
+    write_text_atomic(paths["json"], json.dumps({**record, "summary": summary, "bonferroni_p": tests_json,
+                                                 "test": "paired t over test cases, seed means",
+                                                 "seed_spread": spread},
                                                 indent=1, default=str) + "\n")
     _plot(paths["plot"], summary)
     return paths
@@ -286,7 +295,7 @@ def run_transfer_study(cfg: NeonatalConfig, workdir: str | os.PathLike, *, progr
                 f"{np.nanmean([c['fg'] for c in cases.values()]):.3f}")
 
     summary = summarise(runs, class_names)
-    tests = {what: bonferroni_pairs({s: summary[s][f"cases_{what}"] for s in summary}) for what in ("all", "fg")}
+    tests = {what: paired_tests(summary, what) for what in ("all", "fg")}
     timings["total_s"] = time.perf_counter() - t_start
     notes = [f"Synthetic tissue cohort at {cfg.synth.spacing:g} mm: pre-trained on the {tc.n_old} oldest subjects "
              f"({len(roles['old_train'])} train / {len(roles['old_val'])} validation, "
@@ -296,8 +305,8 @@ def run_transfer_study(cfg: NeonatalConfig, workdir: str | os.PathLike, *, progr
              f"{len(roles['test'])}. Batch {cfg.data.batch_size}, {cfg.optim.kind}, "
              f"{'x'.join(map(str, cfg.data.patch_size))} patches.",
              f"Mean ± SD over {len(tc.seeds)} seeds of each run's mean test Dice ('none' = the pre-trained model, one "
-             f"run). The t-tests pool per-case Dice over a strategy's runs, so each test case counts once per seed: "
-             f"they overstate significance by that repetition. Bonferroni factor: {len(tests['all'])} pairs.",
+             f"run, SD 0). Paired t-tests over the {len(roles['test'])} test cases on each case's Dice averaged over a "
+             f"strategy's seeds (a case counts once); Bonferroni factor: {len(tests['all'])} pairs.",
              "Paper (dHCP): deeper fine-tuning beat shallower; shallow was clearly worst; fine-tuned models beat the "
              "model trained from scratch on 40 preterm subjects overall (scratch won on the cerebellum, the "
              "untuned model on WM); more trainable parameters gave more variability.",
