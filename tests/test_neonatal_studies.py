@@ -282,7 +282,7 @@ def test_transfer_study_tiny(tmp_path):
     # 3 stages: shallow = bottleneck + level 1; full differs from it; deep/medium would equal full/shallow.
     args = ["transfer-study", "--workdir", str(work), *TINY, "model.strides=null", "model.n_stages=3",
             "synth.n_subjects=12", "transfer.n_old=5", "transfer.n_old_val=1", "transfer.n_young=6",
-            "transfer.n_finetune=2", "transfer.seeds=[0,1]", "transfer.strategies=[none,shallow,scratch]",
+            "transfer.n_finetune=2", "seeds=[0,1]", "transfer.strategies=[none,shallow,scratch]",
             "transfer.finetune_steps=1", "train.epochs=1", "train.steps_per_epoch=1", "train.val_every=1",
             "train.checkpoint_every=1"]
     assert main(args) == 0
@@ -294,7 +294,7 @@ def test_transfer_study_tiny(tmp_path):
     assert set(record["bonferroni_p"]["fg"]) == {"none vs shallow", "none vs scratch", "shallow vs scratch"}
     # The shallow runs started from the pre-trained parameters and froze the outermost level.
     pre, _ = load_params(work / "pretrain", "best")
-    ft, _ = load_params(work / "shallow_seed0", "last")
+    ft, _ = load_params(work / "shallow" / "seed0", "last")
     # (the study's config has the paper's residual blocks: each stage's first conv is res/conv1)
     np.testing.assert_array_equal(np.asarray(ft["encoder_0"]["res"]["conv1"]["kernel"]),
                                   np.asarray(pre["encoder_0"]["res"]["conv1"]["kernel"]))

@@ -319,7 +319,7 @@ class EvalConfig(Section):
 class Config(Section):
     experiment: str = "default"
     seed: int = 0
-    seeds: tuple[int, ...] | None = None  # training seeds of a multi-seed job (demo); None = (seed,)
+    seeds: tuple[int, ...] | None = None  # training seeds of a multi-seed job (demo, studies); None = (seed,)
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     loss: LossConfig = field(default_factory=LossConfig)

@@ -19,7 +19,6 @@ class TransferConfig(Section):
     n_old_val: int = 4             # of which validation (the pre-trained model's best checkpoint)
     n_young: int = 30              # youngest subjects: fine-tuning and test
     n_finetune: int = 10           # of which fine-tuning (drawn with data.split_seed); the rest test
-    seeds: tuple[int, ...] = (0, 1, 2)
     strategies: tuple[Literal["none", "shallow", "medium", "deep", "full", "scratch"], ...] = (
         "none", "shallow", "medium", "deep", "full", "scratch")
     finetune_steps: int = 100      # fine-tuning and from-scratch runs alike (train.* sets pre-training)
@@ -32,8 +31,6 @@ class TransferConfig(Section):
         check_field(self.n_young >= 2, "n_young", f"must be >= 2, got {self.n_young}")
         check_field(1 <= self.n_finetune < self.n_young, "n_finetune",
                f"must be in [1, n_young) (the rest are the test set), got {self.n_finetune}", "n_young")
-        check_field(len(self.seeds) >= 1 and len(set(self.seeds)) == len(self.seeds), "seeds",
-               f"must be distinct and not empty, got {list(self.seeds)}")
         check_field(len(self.strategies) >= 1 and len(set(self.strategies)) == len(self.strategies), "strategies",
                f"must be distinct and not empty, got {list(self.strategies)}")
         check_field(self.finetune_steps >= 1, "finetune_steps", f"must be >= 1, got {self.finetune_steps}")

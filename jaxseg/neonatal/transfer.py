@@ -4,7 +4,7 @@ synthetic tissue cohort.
 `run_transfer_study(cfg, workdir)`: synth (tissue flavour, ages 26-45 weeks) -> prepare -> roles by
 age (``cfg.transfer``): the ``n_old`` oldest subjects pre-train (``n_old_val`` of them validate), the
 ``n_young`` youngest are split into ``n_finetune`` fine-tuning subjects and a test set -> one
-pre-training run (``train.*``, ``optim.*``) -> per seed, one run per strategy on the fine-tuning
+pre-training run (``train.*``, ``optim.*``, ``seed``) -> per seed (``seeds``), one run per strategy on the fine-tuning
 subjects (``transfer.finetune_steps`` each, no validation: the last checkpoint):
 
   none                 the pre-trained model, evaluated as is (one run, as in the paper)
@@ -245,6 +245,7 @@ def run_transfer_study(cfg: NeonatalConfig, workdir: str | os.PathLike, *, progr
     t_start = time.perf_counter()
     timings: dict[str, float] = {}
     tc = cfg.transfer
+    seeds = list(cfg.seeds) if cfg.seeds is not None else [cfg.seed]
     cfg = tissue_cohort(cfg, workdir, progress=progress, timings=timings)
     dataset = read_dataset(Path(cfg.data.dataset))
     labels = {str(k): int(v) for k, v in dataset.labels.items()}
@@ -261,7 +262,7 @@ def run_transfer_study(cfg: NeonatalConfig, workdir: str | os.PathLike, *, progr
     log(f"transfer: pre-train on {len(roles['old_train'])} (+{len(roles['old_val'])} validation) oldest subjects "
         f"({span(roles['old_train'] + roles['old_val'])} weeks); fine-tune on {len(roles['finetune'])} "
         f"({span(roles['finetune'])} weeks), test on {len(roles['test'])} ({span(roles['test'])} weeks) of the "
-        f"youngest; seeds {list(tc.seeds)}, {tc.finetune_steps} steps per fine-tuning run")
+        f"youngest; seeds {seeds}, {tc.finetune_steps} steps per fine-tuning run")
 
     # --- Pre-training ---------------------------------------------------------------------------
     pre_dir = workdir / "pretrain"
@@ -275,12 +276,12 @@ def run_transfer_study(cfg: NeonatalConfig, workdir: str | os.PathLike, *, progr
     # --- Strategies -----------------------------------------------------------------------------
     runs: dict[str, list[dict]] = {s: [] for s in tc.strategies}
     for strategy in tc.strategies:
-        for seed in (tc.seeds[:1] if strategy == "none" else tc.seeds):
+        for seed in (seeds[:1] if strategy == "none" else seeds):
             t = time.perf_counter()
             if strategy == "none":
                 run_dir, which = pre_dir, "best"
             else:
-                run_dir, which = workdir / f"{strategy}_seed{seed}", "last"
+                run_dir, which = workdir / strategy / f"seed{seed}", "last"
                 out = train_and_evaluate(strategy_config(cfg, strategy, seed, roles, pre_dir), run_dir,
                                          progress=progress)
                 if list(out["train_cases"]) != roles["finetune"]:
@@ -304,7 +305,7 @@ def run_transfer_study(cfg: NeonatalConfig, workdir: str | os.PathLike, *, progr
              f"(fine-tuning lr {tc.finetune_lr:g}, from scratch lr {tc.scratch_lr or cfg.optim.lr:g}); test: the other "
              f"{len(roles['test'])}. Batch {cfg.data.batch_size}, {cfg.optim.kind}, "
              f"{'x'.join(map(str, cfg.data.patch_size))} patches.",
-             f"Mean ± SD over {len(tc.seeds)} seeds of each run's mean test Dice ('none' = the pre-trained model, one "
+             f"Mean ± SD over {len(seeds)} seeds of each run's mean test Dice ('none' = the pre-trained model, one "
              f"run, SD 0). Paired t-tests over the {len(roles['test'])} test cases on each case's Dice averaged over a "
              f"strategy's seeds (a case counts once); Bonferroni factor: {len(tests['all'])} pairs.",
              "Paper (dHCP): deeper fine-tuning beat shallower; shallow was clearly worst; fine-tuned models beat the "
