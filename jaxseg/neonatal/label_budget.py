@@ -223,13 +223,39 @@ def _plot(path: Path, summary: Sequence[Mapping], per_class: Mapping) -> None:
 # ---------------------------------------------------------------------------------------- the study
 
 
+def _setting_row(run_cfg, name, workdir, train_ids, val_ids, shapes, refs, eval_images, labels, timings,
+                 progress) -> tuple[dict, dict]:
+    """Train, predict and score one setting at ``run_cfg.seed``: (its table row, its scores per split)."""
+    from jaxseg.data.splits import limit_cases
+    from jaxseg.inference.runs import predict_with_runs
+    from jaxseg.train.loop import train_and_evaluate
+
+    run_dir, tag = workdir / name / f"seed{run_cfg.seed}", f"{name}_seed{run_cfg.seed}"
+    run_ids = limit_cases(train_ids, run_cfg.data.max_train_cases, run_cfg.data.split_seed)
+    t = time.perf_counter()
+    out = train_and_evaluate(run_cfg, run_dir, progress=progress)
+    timings[f"train_{tag}_s"] = time.perf_counter() - t
+    if list(out["train_cases"]) != list(run_ids) or list(out["val_cases"]) != list(val_ids):
+        raise RuntimeError(f"{name}: the run trained on other cases than the study counted")
+    t = time.perf_counter()
+    predict_with_runs([run_dir], eval_images, run_dir / "predictions", progress=progress, skip_existing=True)
+    timings[f"predict_{tag}_s"] = time.perf_counter() - t
+    scores = {split: evaluate_split(run_dir / "predictions", refs[split], list(labels.values()))
+              for split in ("val", "test")}
+    row = {"setting": name, "seed": run_cfg.seed, "steps": run_cfg.train.epochs * run_cfg.train.steps_per_epoch,
+           **labelled_counts(run_cfg, shapes, run_ids),
+           "val_dice_all": scores["val"]["all"], "val_dice_fg": scores["val"]["fg"],
+           "test_dice_all": scores["test"]["all"], "test_dice_fg": scores["test"]["fg"],
+           "n_val": scores["val"]["n"], "n_test": scores["test"]["n"], "best_step": out["best"].get("step"),
+           "train_val_dice": out["best"].get("val_dice"), "train_s": timings[f"train_{tag}_s"]}
+    return row, scores
+
+
 def run_label_budget(cfg: NeonatalConfig, workdir: str | os.PathLike, *, progress: bool = True,
                      log: Callable[[str], None] = print) -> dict:
     from jaxseg.data.datasets import read_dataset
     from jaxseg.data.pipeline import CaseSource
-    from jaxseg.data.splits import kfold_split, limit_cases
-    from jaxseg.inference.runs import predict_with_runs
-    from jaxseg.train.loop import train_and_evaluate
+    from jaxseg.data.splits import kfold_split
 
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
@@ -264,25 +290,9 @@ def run_label_budget(cfg: NeonatalConfig, workdir: str | os.PathLike, *, progres
     for seed in seeds:
         for name, _, _ in SETTINGS:
             run_cfg = setting_config(dataclasses.replace(cfg, seed=seed, seeds=None), name, n_full, len(train_ids))
-            run_dir, tag = workdir / name / f"seed{seed}", f"{name}_seed{seed}"
-            run_ids = limit_cases(train_ids, run_cfg.data.max_train_cases, cfg.data.split_seed)
-            t = time.perf_counter()
-            out = train_and_evaluate(run_cfg, run_dir, progress=progress)
-            timings[f"train_{tag}_s"] = time.perf_counter() - t
-            if list(out["train_cases"]) != list(run_ids) or list(out["val_cases"]) != list(val_ids):
-                raise RuntimeError(f"{name}: the run trained on other cases than the study counted")
-            t = time.perf_counter()
-            predict_with_runs([run_dir], eval_images, run_dir / "predictions", progress=progress, skip_existing=True)
-            timings[f"predict_{tag}_s"] = time.perf_counter() - t
-            scores = {split: evaluate_split(run_dir / "predictions", refs[split], list(labels.values()))
-                      for split in ("val", "test")}
+            row, scores = _setting_row(run_cfg, name, workdir, train_ids, val_ids, shapes, refs, eval_images, labels,
+                                       timings, progress)
             class_scores.setdefault(name, []).append(scores)
-            row = {"setting": name, "seed": seed, "steps": run_cfg.train.epochs * run_cfg.train.steps_per_epoch,
-                   **labelled_counts(run_cfg, shapes, run_ids),
-                   "val_dice_all": scores["val"]["all"], "val_dice_fg": scores["val"]["fg"],
-                   "test_dice_all": scores["test"]["all"], "test_dice_fg": scores["test"]["fg"],
-                   "n_val": scores["val"]["n"], "n_test": scores["test"]["n"], "best_step": out["best"].get("step"),
-                   "train_val_dice": out["best"].get("val_dice"), "train_s": timings[f"train_{tag}_s"]}
             rows.append(row)
             log(f"{name} (seed {seed}): {row['subjects']} subjects, {row['labelled_slices']} labelled slices, "
                 f"{row['steps']} steps; Dice all/fg validation {row['val_dice_all']:.3f}/{row['val_dice_fg']:.3f}, "

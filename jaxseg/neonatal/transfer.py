@@ -234,6 +234,25 @@ def _run_cases(run_dir: Path, which: str, eval_images: Path, refs: Mapping[str, 
     return score_cases(pred_dir, refs, labels)
 
 
+def _notes(cfg: NeonatalConfig, roles: Mapping, seeds: Sequence[int], n_pairs: int, total_s: float) -> list[str]:
+    tc = cfg.transfer
+    return [f"Synthetic tissue cohort at {cfg.synth.spacing:g} mm: pre-trained on the {tc.n_old} oldest subjects "
+             f"({len(roles['old_train'])} train / {len(roles['old_val'])} validation, "
+             f"{cfg.train.epochs * cfg.train.steps_per_epoch} steps, lr {cfg.optim.lr:g}); each strategy "
+             f"{tc.finetune_steps} steps on {len(roles['finetune'])} of the {tc.n_young} youngest "
+             f"(fine-tuning lr {tc.finetune_lr:g}, from scratch lr {tc.scratch_lr or cfg.optim.lr:g}); test: the other "
+             f"{len(roles['test'])}. Batch {cfg.data.batch_size}, {cfg.optim.kind}, "
+             f"{'x'.join(map(str, cfg.data.patch_size))} patches.",
+             f"Mean ± SD over {len(seeds)} seeds of each run's mean test Dice ('none' = the pre-trained model, one "
+             f"run, SD 0). Paired t-tests over the {len(roles['test'])} test cases on each case's Dice averaged over a "
+             f"strategy's seeds (a case counts once); Bonferroni factor: {n_pairs} pairs.",
+             "Paper (dHCP): deeper fine-tuning beat shallower; shallow was clearly worst; fine-tuned models beat the "
+             "model trained from scratch on 40 preterm subjects overall (scratch won on the cerebellum, the "
+             "untuned model on WM); more trainable parameters gave more variability.",
+             f"Total {total_s / 60:.1f} min for this invocation "
+             "(a rerun skips the stages already complete)."]
+
+
 def run_transfer_study(cfg: NeonatalConfig, workdir: str | os.PathLike, *, progress: bool = True,
                        log: Callable[[str], None] = print) -> dict:
     from jaxseg.data.datasets import read_dataset
@@ -298,21 +317,7 @@ def run_transfer_study(cfg: NeonatalConfig, workdir: str | os.PathLike, *, progr
     summary = summarise(runs, class_names)
     tests = {what: paired_tests(summary, what) for what in ("all", "fg")}
     timings["total_s"] = time.perf_counter() - t_start
-    notes = [f"Synthetic tissue cohort at {cfg.synth.spacing:g} mm: pre-trained on the {tc.n_old} oldest subjects "
-             f"({len(roles['old_train'])} train / {len(roles['old_val'])} validation, "
-             f"{cfg.train.epochs * cfg.train.steps_per_epoch} steps, lr {cfg.optim.lr:g}); each strategy "
-             f"{tc.finetune_steps} steps on {len(roles['finetune'])} of the {tc.n_young} youngest "
-             f"(fine-tuning lr {tc.finetune_lr:g}, from scratch lr {tc.scratch_lr or cfg.optim.lr:g}); test: the other "
-             f"{len(roles['test'])}. Batch {cfg.data.batch_size}, {cfg.optim.kind}, "
-             f"{'x'.join(map(str, cfg.data.patch_size))} patches.",
-             f"Mean ± SD over {len(seeds)} seeds of each run's mean test Dice ('none' = the pre-trained model, one "
-             f"run, SD 0). Paired t-tests over the {len(roles['test'])} test cases on each case's Dice averaged over a "
-             f"strategy's seeds (a case counts once); Bonferroni factor: {len(tests['all'])} pairs.",
-             "Paper (dHCP): deeper fine-tuning beat shallower; shallow was clearly worst; fine-tuned models beat the "
-             "model trained from scratch on 40 preterm subjects overall (scratch won on the cerebellum, the "
-             "untuned model on WM); more trainable parameters gave more variability.",
-             f"Total {timings['total_s'] / 60:.1f} min for this invocation "
-             "(a rerun skips the stages already complete)."]
+    notes = _notes(cfg, roles, seeds, len(tests["all"]), timings["total_s"])
     record = {"roles": roles, "runs": runs, "timings": timings, "age_effect_pearson_r": corr,
               "pretrain_best": pre["best"], "labels": labels}
     paths = write_outputs(workdir, summary, class_names, tests, record, notes)
