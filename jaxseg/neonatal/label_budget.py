@@ -148,7 +148,7 @@ def table_markdown(summary: Sequence[Mapping], notes: Sequence[str] = ()) -> str
         cells = [fmt_mean_sd(r[k]) for k in METRICS]
         cells += [fmt_diff(r[f"vs_{ref}_test_dice_fg"]) if f"vs_{ref}_test_dice_fg" in r else "-" for ref in refs]
         lines.append(f"| {r['setting']} | {r['steps']} | {r['subjects']} | {r['labelled_slices']:.0f} | "
-                     + " | ".join(cells) + f" | {_fmt(PAPER_TABLE3_TEST.get(r['setting']))} |")
+                     + " | ".join(cells) + f" | {_fmt(PAPER_TABLE3_TEST.get(r['setting'], '-'))} |")
     return "\n".join(lines + ([""] + [f"{n}" for n in notes] if notes else [])) + "\n"
 
 
