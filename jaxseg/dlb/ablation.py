@@ -254,9 +254,8 @@ def over_seeds(per_seed: dict) -> tuple[list[dict], list[dict]]:
         if variant != REFERENCE_VARIANT and (seeds[0], REFERENCE_VARIANT, test) in cell:
             row["vs_ref_hybrid"] = compare_seeds([cell[(sd, REFERENCE_VARIANT, test)]["hybrid"] for sd in seeds],
                                                  row["hybrid"])
-            row["wilcoxon_p"] = paired_over_cases(image_means(REFERENCE_VARIANT, test), image_means(variant, test),
-                                                  "wilcoxon")
             mine, ref = image_means(variant, test), image_means(REFERENCE_VARIANT, test)
+            row["wilcoxon_p"] = paired_over_cases(ref, mine, "wilcoxon")
             row["image_hybrid_diff"] = float(np.mean([mine[c] - ref[c] for c in ref]))
         rows.append(row)
     return rows, cases
