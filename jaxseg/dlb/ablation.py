@@ -39,7 +39,8 @@ import numpy as np
 from jaxseg.evaluation.plots import save_figure
 from jaxseg.data import store
 from jaxseg.evaluation import metrics as M
-from jaxseg.evaluation.seeds import case_means, compare_seeds, fmt_diff, fmt_mean_sd, mean_sd, paired_over_cases
+from jaxseg.evaluation.seeds import (case_means, compare_seeds, fmt_diff, fmt_mean_sd, fmt_p, paired_over_cases,
+                                    seed_columns)
 from jaxseg.fileio import atomic_path, write_text_atomic
 from jaxseg.dlb.train import predict_dlb, split_cases, train_dlb
 from jaxseg.dlb.config import DLBAblationConfig
@@ -197,7 +198,11 @@ def _write(workdir: Path, table: list[dict], case_rows: list[dict], timings: dic
     _plot(workdir / "ablation.png", table, case_rows)
 
 
-def _plot(path: Path, table: list[dict], case_rows: list[dict]) -> None:
+def _plot(path: Path, table: list[dict], case_rows: list[dict], *, score: str = "hybrid", spread: str | None = None,
+          ylabel: str = "ISBI hybrid score", per_case: tuple[str, str, str] = (
+              "dice", "per-case Dice (all test cases)", "Per-case lesion Dice")) -> None:
+    """Bars of `score` per variant and test set (error bars from `spread`), and a box plot of the cases'
+    ``per_case[0]`` per variant (``per_case``: key, y label, title)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -208,18 +213,19 @@ def _plot(path: Path, table: list[dict], case_rows: list[dict]) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(13, 4.5))
     width = 0.8 / len(tests)
     for j, t in enumerate(tests):
-        vals = [next((r["hybrid"] for r in table if r["variant"] == v and r["test"] == t), np.nan) for v in variants]
-        axes[0].bar(np.arange(len(variants)) + j * width, vals, width, label=t)
+        sel = [next((r for r in table if r["variant"] == v and r["test"] == t), None) for v in variants]
+        axes[0].bar(np.arange(len(variants)) + j * width, [r[score] if r else np.nan for r in sel], width,
+                    yerr=[r[spread] if r else 0 for r in sel] if spread else None, capsize=3, label=t)
     names = [textwrap.fill(v, 16) for v in variants]
     axes[0].set_xticks(np.arange(len(variants)) + 0.4 - width / 2, names, fontsize=7)
-    axes[0].set_ylabel("ISBI hybrid score")
+    axes[0].set_ylabel(ylabel)
     axes[0].legend(fontsize=8)
     axes[0].set_title("Hybrid score per variant and test set")
-    data = [[r["dice"] for r in case_rows if r["variant"] == v] for v in variants]
-    axes[1].boxplot(data)
+    key, case_label, case_title = per_case
+    axes[1].boxplot([[r[key] for r in case_rows if r["variant"] == v] for v in variants])
     axes[1].set_xticks(range(1, len(variants) + 1), names, fontsize=7)
-    axes[1].set_ylabel("per-case Dice (all test cases)")
-    axes[1].set_title("Per-case lesion Dice")
+    axes[1].set_ylabel(case_label)
+    axes[1].set_title(case_title)
     fig.tight_layout()
     save_figure(fig, path, dpi=110)
     plt.close(fig)
@@ -247,10 +253,8 @@ def over_seeds(per_seed: dict) -> tuple[list[dict], list[dict]]:
 
     rows = []
     for variant, test in keys:
-        row = {"variant": variant, "test": test, "n": cell[(seeds[0], variant, test)]["n"], "seeds": seeds}
-        for k in METRICS:
-            row[k] = [cell[(sd, variant, test)][k] for sd in seeds]
-            row[f"{k}_mean"], row[f"{k}_sd"] = mean_sd(row[k])
+        row = {"variant": variant, "test": test, "n": cell[(seeds[0], variant, test)]["n"], "seeds": seeds,
+               **seed_columns([cell[(sd, variant, test)] for sd in seeds], METRICS)}
         if variant != REFERENCE_VARIANT and (seeds[0], REFERENCE_VARIANT, test) in cell:
             row["vs_ref_hybrid"] = compare_seeds([cell[(sd, REFERENCE_VARIANT, test)]["hybrid"] for sd in seeds],
                                                  row["hybrid"])
@@ -273,7 +277,7 @@ def write_over_seeds(workdir: Path, per_seed: dict, timings: dict, empty_pred: M
              "|:---|:---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in sorted(rows, key=lambda r: (list(dict.fromkeys(x["test"] for x in rows)).index(r["test"]))):
         d = fmt_diff(r["vs_ref_hybrid"]) if "vs_ref_hybrid" in r else "-"
-        p = _fmt_p(r["wilcoxon_p"]) if "wilcoxon_p" in r else "-"
+        p = fmt_p(r["wilcoxon_p"], 3) if "wilcoxon_p" in r else "-"
         lines.append(f"| {r['variant']} | {r['test']} | {r['n']} | {fmt_mean_sd(r['hybrid'])} | {d} | {p} | " +
                      " | ".join(fmt_mean_sd(r[k]) for k in ("dice", "ppv", "tpr", "lfpr", "ltpr", "corr")) + " |")
     lines += ["", f"Empty predictions: {M.EMPTY_PRED_NOTES[empty_pred]} (`eval.lesion_empty_pred: {empty_pred}`).",
@@ -292,38 +296,7 @@ def write_over_seeds(workdir: Path, per_seed: dict, timings: dict, empty_pred: M
     write_text_atomic(workdir / "table.json", json.dumps({"rows": rows, "seeds": seeds, "empty_pred": empty_pred,
                                                           "reference": REFERENCE_VARIANT, "timings": timings},
                                                          indent=1, default=str) + "\n")
-    _plot_seeds(workdir / "ablation.png", rows, cases)
+    _plot(workdir / "ablation.png", rows, cases, score="hybrid_mean", spread="hybrid_sd",
+          ylabel="ISBI hybrid score (mean ± SD over seeds)",
+          per_case=("hybrid_image", "per-image hybrid score (every test image and seed)", "Per-image hybrid scores"))
     return rows, cases
-
-
-def _fmt_p(p) -> str:
-    return "nan" if p is None or np.isnan(p) else (f"{p:.3f}" if p >= 1e-3 else f"{p:.1e}")
-
-
-def _plot_seeds(path: Path, rows: list[dict], cases: list[dict]) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    variants = list(dict.fromkeys(r["variant"] for r in rows))
-    tests = list(dict.fromkeys(r["test"] for r in rows))
-    fig, axes = plt.subplots(1, 2, figsize=(13, 4.5))
-    width = 0.8 / len(tests)
-    for j, t in enumerate(tests):
-        sel = [next((r for r in rows if r["variant"] == v and r["test"] == t), None) for v in variants]
-        axes[0].bar(np.arange(len(variants)) + j * width, [r["hybrid_mean"] if r else np.nan for r in sel], width,
-                    yerr=[r["hybrid_sd"] if r else 0 for r in sel], capsize=3, label=t)
-    names = [textwrap.fill(v, 16) for v in variants]
-    axes[0].set_xticks(np.arange(len(variants)) + 0.4 - width / 2, names, fontsize=7)
-    axes[0].set_ylabel("ISBI hybrid score (mean ± SD over seeds)")
-    axes[0].legend(fontsize=8)
-    axes[0].set_title("Hybrid score per variant and test set")
-    data = [[c["hybrid_image"] for c in cases if c["variant"] == v] for v in variants]
-    axes[1].boxplot(data)
-    axes[1].set_xticks(range(1, len(variants) + 1), names, fontsize=7)
-    axes[1].set_ylabel("per-image hybrid score (every test image and seed)")
-    axes[1].set_title("Per-image hybrid scores")
-    fig.tight_layout()
-    save_figure(fig, path, dpi=110)
-    plt.close(fig)

@@ -27,6 +27,16 @@ def mean_sd(values: Sequence[float]) -> tuple[float, float]:
     return float(v.mean()), float(v.std(ddof=1)) if v.size > 1 else 0.0
 
 
+def seed_columns(runs: Sequence[Mapping], metrics: Sequence[str]) -> dict:
+    """One setting's runs (one mapping per seed) -> for each metric ``m``: ``m`` = the per-seed values,
+    ``m_mean`` and ``m_sd`` (`mean_sd`)."""
+    out = {}
+    for m in metrics:
+        out[m] = [r[m] for r in runs]
+        out[f"{m}_mean"], out[f"{m}_sd"] = mean_sd(out[m])
+    return out
+
+
 def fmt_mean_sd(values: Sequence[float], digits: int = 3) -> str:
     """``"0.812 ± 0.004"`` (``"0.812"`` for one value, ``"nan"`` for none)."""
     m, sd = mean_sd(values)
@@ -54,6 +64,13 @@ def fmt_diff(cmp: Mapping) -> str:
     """``"+0.021*"``: B - A, starred when it exceeds the seed spread."""
     d = cmp["diff"]
     return "nan" if not np.isfinite(d) else f"{d:+.3f}" + ("*" if cmp["exceeds"] else "")
+
+
+def fmt_p(p: float | None, digits: int = 4) -> str:
+    """A p-value: `digits` decimals, or two significant digits below 1e-3."""
+    if p is None or math.isnan(p):
+        return "nan"
+    return f"{p:.{digits}f}" if p >= 1e-3 or p == 0 else f"{p:.1e}"
 
 
 def case_means(runs: Sequence[Mapping[str, float]]) -> dict[str, float]:

@@ -39,7 +39,7 @@ import numpy as np
 
 from jaxseg.config import save_config
 from jaxseg.evaluation.plots import save_figure
-from jaxseg.evaluation.seeds import compare_seeds, fmt_diff, fmt_mean_sd, mean_sd
+from jaxseg.evaluation.seeds import compare_seeds, fmt_diff, fmt_mean_sd, seed_columns
 from jaxseg.fileio import atomic_path, write_text_atomic
 from jaxseg.neonatal.common import fmt, image_folder, mean_scores, score_cases, tissue_cohort, write_age_effect
 from jaxseg.neonatal.config import NeonatalConfig
@@ -103,9 +103,7 @@ def summarise(rows: Sequence[Mapping]) -> list[dict]:
         rs = by[n]
         row = {k: rs[0][k] for k in ("model", "age_head_lr", "age_offset", "age_scale", "baseline_mae", "baseline_mse")}
         row["seeds"] = [r.get("seed") for r in rs]
-        for k in METRICS:
-            row[k] = [r[k] for r in rs]
-            row[f"{k}_mean"], row[f"{k}_sd"] = mean_sd(row[k])
+        row.update(seed_columns(rs, METRICS))
         if n != "unet":
             if "unet" in by:
                 for k in ("test_dice_all", "test_dice_fg"):

@@ -44,7 +44,7 @@ from typing import Callable, Mapping, Sequence
 import numpy as np
 
 from jaxseg.evaluation.plots import save_figure
-from jaxseg.evaluation.seeds import compare_seeds, fmt_diff, fmt_mean_sd, mean_sd
+from jaxseg.evaluation.seeds import compare_seeds, fmt_diff, fmt_mean_sd, seed_columns
 from jaxseg.config import save_config
 from jaxseg.data.budget import AXES, slice_budget
 from jaxseg.fileio import atomic_path, write_text_atomic
@@ -123,9 +123,7 @@ def summarise(rows: Sequence[Mapping]) -> list[dict]:
         row = {"setting": n, "seeds": [r.get("seed") for r in rs], "steps": rs[0].get("steps"),
                "subjects": rs[0]["subjects"], "labelled_slices": float(np.mean([r["labelled_slices"] for r in rs])),
                "labelled_voxels": float(np.mean([r["labelled_voxels"] for r in rs]))}
-        for k in METRICS:
-            row[k] = [r[k] for r in rs]
-            row[f"{k}_mean"], row[f"{k}_sd"] = mean_sd(row[k])
+        row.update(seed_columns(rs, METRICS))
         for ref, _ in REFERENCES:
             if ref in by and ref != n:
                 for k in ("test_dice_all", "test_dice_fg"):

@@ -45,7 +45,7 @@ import numpy as np
 
 from jaxseg.config import save_config
 from jaxseg.evaluation.plots import save_figure
-from jaxseg.evaluation.seeds import case_means, compare_seeds, fmt_diff, pairwise_paired
+from jaxseg.evaluation.seeds import case_means, compare_seeds, fmt_diff, fmt_p, pairwise_paired
 from jaxseg.fileio import atomic_path, write_text_atomic
 from jaxseg.neonatal.common import BACKGROUND, fmt, image_folder, score_cases, tissue_cohort, write_age_effect
 from jaxseg.neonatal.config import NeonatalConfig
@@ -133,13 +133,6 @@ def summarise(runs: Mapping[str, Sequence[Mapping]], class_names: Mapping[int, s
 # -------------------------------------------------------------------------------------------- output
 
 
-def _p(p: float | None) -> str:
-    """A p-value: four decimals, or two significant digits below 1e-3."""
-    if p is None or math.isnan(p):
-        return "nan"
-    return f"{p:.4f}" if p >= 1e-3 or p == 0 else f"{p:.1e}"
-
-
 def _cell(s: Mapping, key: str) -> str:
     m, sd = s["mean"][key], s["sd"][key]
     return f"{m:.3f}" if math.isnan(sd) else f"{m:.3f} ± {sd:.3f}"
@@ -169,7 +162,7 @@ def table_markdown(summary: Mapping, class_names: Mapping[int, str], tests: Mapp
                       f"averaged over the seeds), {title}", "",
                   "| | " + " | ".join(names[1:]) + " |", "|:---|" + "---:|" * (len(names) - 1)]
         for i, a in enumerate(names[:-1]):
-            cells = [(_p(tests[what].get((a, b))) if j > i else "") for j, b in enumerate(names) if j >= 1]
+            cells = [(fmt_p(tests[what].get((a, b))) if j > i else "") for j, b in enumerate(names) if j >= 1]
             lines.append(f"| {a} | " + " | ".join(cells) + " |")
     return "\n".join(lines + ([""] + list(notes) if notes else [])) + "\n"
 
